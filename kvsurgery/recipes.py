@@ -1,0 +1,302 @@
+"""Recipes: one config dataclass per method, written as YAML in ``recipes/``.
+
+Precedence is defaults < recipe file < command-line flags. A recipe file looks like::
+
+    method: kvdict            # which config class
+    n_atoms: 1024             # fields of that class
+    target_ratio: 0.2
+    calibration:              # optional defaults for `kvsurgery calibrate` flags
+      samples: 16
+    layers:                   # optional per-layer overrides
+      "0-1": {dense: true}    # by index, range "a-b", list "1,5", glob "2*",
+      sliding_attention: {s_k: 12}   # or layer type (config.layer_types)
+
+Every error names the key and is raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import KVSurgeryError
+
+
+class RecipeError(KVSurgeryError):
+    """A recipe (file or override) has an unknown key, a wrong type or an impossible value."""
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}: {msg}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Settings of the capture run shared by every method."""
+
+    samples: int = 8
+    seq_len: int = 512
+    max_vectors: int = 65536
+    seed: int = 0
+    capture_queries: bool = True
+
+    def __post_init__(self):
+        _require(self.samples > 0, "samples", f"must be > 0, got {self.samples}")
+        _require(self.seq_len > 1, "seq_len", f"must be > 1, got {self.seq_len}")
+        _require(self.max_vectors >= 16, "max_vectors", f"must be >= 16, got {self.max_vectors}")
+
+
+@dataclass
+class KVDictConfig:
+    """KV-Dict (Lexico, arXiv 2412.08890): per-layer dictionaries, sparse-coded cache."""
+
+    n_atoms: int = 1024  # N: atoms per dictionary (int16 indices allow up to 32767)
+    s_k: int = 8  # non-zeros per key when no target is given
+    s_v: int = 8
+    target_ratio: float | None = None  # KV bytes/token over fp16, all layers (e.g. 0.2)
+    max_error: float | None = None  # or: smallest s with held-out relative error <= this
+    s_min: int = 2
+    s_max: int = 16
+    iters: int = 12  # dictionary-learning iterations
+    holdout: float = 0.1  # share of captured vectors kept out of training
+    sinks: int = 4  # exact tokens at the start
+    buffer: int = 128  # exact recent tokens
+    flush: int = 16  # tokens encoded at once when the buffer overflows
+    omp_tol: float | None = None  # optional early stop of OMP at runtime
+    dense: bool = False  # keep this layer uncompressed (per-layer override)
+    seed: int = 0
+
+    per_layer_fields: typing.ClassVar[tuple[str, ...]] = ("s_k", "s_v", "dense")
+
+    def __post_init__(self):
+        _require(
+            1 <= self.n_atoms <= 32767,
+            "n_atoms",
+            f"must be in 1..32767 (int16 indices), got {self.n_atoms}",
+        )
+        for k in ("s_k", "s_v", "s_min", "s_max"):
+            v = getattr(self, k)
+            _require(v >= 1, k, f"must be >= 1, got {v}")
+            _require(v <= self.n_atoms, k, f"must be <= n_atoms ({self.n_atoms}), got {v}")
+        _require(
+            self.s_min <= self.s_max, "s_min", f"must be <= s_max ({self.s_max}), got {self.s_min}"
+        )
+        _require(
+            self.target_ratio is None or self.max_error is None,
+            "target_ratio",
+            "give either target_ratio or max_error, not both",
+        )
+        if self.target_ratio is not None:
+            _require(
+                0 < self.target_ratio <= 1,
+                "target_ratio",
+                f"must be in (0, 1], got {self.target_ratio}",
+            )
+        if self.max_error is not None:
+            _require(
+                0 < self.max_error < 1, "max_error", f"must be in (0, 1), got {self.max_error}"
+            )
+        _require(self.iters >= 1, "iters", f"must be >= 1, got {self.iters}")
+        _require(0 < self.holdout < 1, "holdout", f"must be in (0, 1), got {self.holdout}")
+        _require(self.sinks >= 0, "sinks", f"must be >= 0, got {self.sinks}")
+        _require(self.buffer >= 1, "buffer", f"must be >= 1, got {self.buffer}")
+        _require(self.flush >= 1, "flush", f"must be >= 1, got {self.flush}")
+        if self.omp_tol is not None:
+            _require(0 <= self.omp_tol < 1, "omp_tol", f"must be in [0, 1), got {self.omp_tol}")
+
+
+METHODS: dict[str, type] = {"kvdict": KVDictConfig}
+
+
+@dataclass
+class Recipe:
+    """A method config plus calibration defaults and per-layer overrides."""
+
+    method: str
+    config: typing.Any
+    calibration: dict = field(default_factory=dict)
+    layers: dict = field(default_factory=dict)  # selector -> {field: value}
+    source: str = "<defaults>"
+
+    def for_layer(self, idx: int, layer_type: str = "full_attention"):
+        """The config with the overrides that select layer ``idx`` applied, in file order."""
+        cfg = self.config
+        for selector, values in self.layers.items():
+            if _selects(selector, idx, layer_type):
+                cfg = dataclasses.replace(cfg, **values)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            **dataclasses.asdict(self.config),
+            "calibration": dict(self.calibration),
+            "layers": {k: dict(v) for k, v in self.layers.items()},
+        }
+
+
+def _selects(selector: str, idx: int, layer_type: str) -> bool:
+    sel = str(selector).strip()
+    if sel == layer_type:
+        return True
+    for part in sel.split(","):
+        part = part.strip()
+        if "-" in part and all(p.strip().isdigit() for p in part.split("-", 1)):
+            a, b = (int(p) for p in part.split("-", 1))
+            if a <= idx <= b:
+                return True
+        elif part.isdigit():
+            if int(part) == idx:
+                return True
+        elif fnmatch.fnmatchcase(str(idx), part):
+            return True
+    return False
+
+
+def _check_selector(sel: str) -> None:
+    sel = str(sel).strip()
+    if sel in ("full_attention", "sliding_attention", "chunked_attention"):
+        return
+    for part in sel.split(","):
+        part = part.strip()
+        ok = (
+            part.isdigit()
+            or ("-" in part and all(p.strip().isdigit() for p in part.split("-", 1)))
+            or any(c in part for c in "*?[")
+        )
+        _require(
+            ok,
+            f"layers.{sel}",
+            "a layer selector is an index (3), a range (0-3), a list (1,5), a glob (2*) or a "
+            "layer type (full_attention, sliding_attention)",
+        )
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def build_config(cls, values: dict, where: str = ""):
+    """Instantiate ``cls`` from ``values`` after checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    for key, val in values.items():
+        _require(key in names, f"{prefix}{key}", f"unknown key; valid keys are {sorted(names)}")
+        _require(
+            _type_ok(val, hints[key]),
+            f"{prefix}{key}",
+            f"expected {_type_name(hints[key])}, got {type(val).__name__} {val!r}",
+        )
+    vals = {
+        k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()
+    }
+    try:
+        return cls(**vals)
+    except RecipeError as e:
+        raise RecipeError(f"{prefix}{e}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist; see recipes/ for examples.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e})") from e
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys to values")
+    data = dict(data)
+    method = data.pop("method", None)
+    _require(
+        method in METHODS,
+        "method",
+        f"{source}: must be one of {sorted(METHODS)}, got {method!r}",
+    )
+    cls = METHODS[method]
+    calibration = data.pop("calibration", None) or {}
+    _require(isinstance(calibration, dict), "calibration", "must be a mapping")
+    build_config(CalibrationConfig, calibration, "calibration")  # validate now
+    layers = data.pop("layers", None) or {}
+    _require(isinstance(layers, dict), "layers", "must be a mapping of selector -> overrides")
+    config = build_config(cls, data)
+    clean_layers = {}
+    for sel, over in layers.items():
+        _check_selector(sel)
+        _require(isinstance(over, dict), f"layers.{sel}", "must be a mapping of field -> value")
+        for key in over:
+            _require(
+                key in cls.per_layer_fields,
+                f"layers.{sel}.{key}",
+                f"cannot be set per layer; per-layer keys are {list(cls.per_layer_fields)}",
+            )
+        build_config(cls, {**_public(config), **over}, f"layers.{sel}")
+        clean_layers[str(sel)] = dict(over)
+    return Recipe(method, config, calibration, clean_layers, source)
+
+
+def _public(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
+    """Command-line ``--set key=value`` overrides (highest precedence)."""
+    if not overrides:
+        return recipe
+    config = build_config(type(recipe.config), {**_public(recipe.config), **overrides})
+    return dataclasses.replace(recipe, config=config)
+
+
+def parse_set_options(items: list[str]) -> dict:
+    """``["n_atoms=512", "target_ratio=0.2"]`` -> typed dict (values parsed as YAML scalars)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value")
+        key, val = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(val)
+    return out
+
+
+def default_recipe(method: str) -> Recipe:
+    _require(method in METHODS, "method", f"must be one of {sorted(METHODS)}, got {method!r}")
+    return Recipe(method, METHODS[method](), source="<defaults>")
+
+
+def resolve_calibration(recipes: list[Recipe], cli: dict) -> CalibrationConfig:
+    """defaults < each recipe's ``calibration:`` block (in order) < CLI flags that were given."""
+    merged: dict = {}
+    for r in recipes:
+        merged.update(r.calibration)
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    return build_config(CalibrationConfig, merged, "calibration")
