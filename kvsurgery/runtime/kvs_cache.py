@@ -1,0 +1,288 @@
+"""KV-Dict cache layer: exact sinks + sparse codes + an exact recent buffer.
+
+Paper: "KV-Dict / Lexico: Sparse KV Cache Compression with Universal Dictionaries"
+(arXiv 2412.08890). This file is copied flat into exported checkpoints: it imports only
+torch, transformers and its sibling modules.
+
+Token order inside a layer is the order of positions: ``[sinks | compressed | buffer]``,
+so column ``j`` of the attention mask is token ``j`` of the layer for every batch row.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from ..kernels.kvdict_attention import kvdict_attention
+from ..kernels.omp import omp
+
+# Codes are stored in blocks of this many tokens: one reallocation per block keeps appends
+# amortised O(1) while the allocated bytes stay within one block of what the format promises.
+CODE_BLOCK = 256
+_COEF_DTYPES = {
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_FP8_MAX = 448.0
+
+
+class KVDictLayer(CacheLayerMixin):
+    """One layer of a KV-Dict cache.
+
+    State (allocated on first ``update``):
+      sink_k/sink_v ``(B, H_kv, <=sinks, d)`` exact, model dtype;
+      k_idx/v_idx ``(B, H_kv, capacity, s_k|s_v)`` int16 atom indices;
+      k_coef/v_coef same shapes, 8-bit float (e4m3) coefficients;
+      buf_k/buf_v ``(B, H_kv, n_buf, d)`` exact recent tokens, ``buffer <= n_buf < buffer + flush``
+      between steps. A token is encoded once, when it leaves the buffer.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(
+        self,
+        dk,
+        dv,
+        gram_k,
+        gram_v,
+        s_k,
+        s_v,
+        *,
+        sinks=4,
+        buffer=128,
+        flush=16,
+        omp_tol=None,
+        coef_dtype="float8_e4m3fn",
+    ):
+        super().__init__()
+        self.dk, self.dv, self.gram_k, self.gram_v = dk, dv, gram_k, gram_v
+        self.s_k, self.s_v = int(s_k), int(s_v)
+        self.sinks, self.buffer, self.flush = int(sinks), int(buffer), int(flush)
+        self.omp_tol = omp_tol
+        self.coef_dtype = _COEF_DTYPES[coef_dtype]
+        self.n_comp = 0
+        self.seen = 0
+        self.last_had_past = False
+
+    # -- allocation -------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states.new_zeros(b, h, 0, d)
+        self.sink_k, self.sink_v = empty, empty.clone()
+        self.buf_k, self.buf_v = empty.clone(), empty.clone()
+        self.k_idx = torch.zeros(b, h, 0, self.s_k, dtype=torch.int16, device=self.device)
+        self.v_idx = torch.zeros(b, h, 0, self.s_v, dtype=torch.int16, device=self.device)
+        self.k_coef = torch.zeros(b, h, 0, self.s_k, dtype=self.coef_dtype, device=self.device)
+        self.v_coef = torch.zeros(b, h, 0, self.s_v, dtype=self.coef_dtype, device=self.device)
+        self.keys = self.values = None  # dense views do not exist for this layer
+        self.is_initialized = True
+
+    def _reserve(self, n_more: int) -> None:
+        need = self.n_comp + n_more
+        cap = self.k_idx.shape[2]
+        if need <= cap:
+            return
+        new_cap = -(-need // CODE_BLOCK) * CODE_BLOCK
+
+        def grow(t):
+            out = t.new_zeros(*t.shape[:2], new_cap, t.shape[3])
+            out[:, :, : self.n_comp] = t[:, :, : self.n_comp]
+            return out
+
+        self.k_idx, self.v_idx = grow(self.k_idx), grow(self.v_idx)
+        self.k_coef, self.v_coef = grow(self.k_coef), grow(self.v_coef)
+
+    # -- encoding ---------------------------------------------------------------------
+    def _encode(self, x, D, gram, s):
+        b, h, t, d = x.shape
+        idx, coef = omp(x.reshape(-1, d).float(), D, s, gram=gram, tol=self.omp_tol)
+        if self.coef_dtype == torch.float8_e4m3fn:
+            coef = coef.clamp(-_FP8_MAX, _FP8_MAX)
+        return (
+            idx.to(torch.int16).view(b, h, t, s),
+            coef.to(self.coef_dtype).view(b, h, t, s),
+        )
+
+    def _append_codes(self, k, v):
+        t = k.shape[2]
+        if t == 0:
+            return
+        self._reserve(t)
+        ki, kc = self._encode(k, self.dk, self.gram_k, self.s_k)
+        vi, vc = self._encode(v, self.dv, self.gram_v, self.s_v)
+        sl = slice(self.n_comp, self.n_comp + t)
+        self.k_idx[:, :, sl], self.k_coef[:, :, sl] = ki, kc
+        self.v_idx[:, :, sl], self.v_coef[:, :, sl] = vi, vc
+        self.n_comp += t
+
+    # -- cache verbs ------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Store new tokens ``(B, H_kv, T, d)``; returns them unchanged (prefill attention is dense)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.last_had_past = self.seen > 0
+        self.seen += key_states.shape[2]
+        k, v = key_states, value_states
+        room = self.sinks - self.sink_k.shape[2]
+        if room > 0:
+            self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
+            k, v = k[:, :, room:], v[:, :, room:]
+        self.buf_k = torch.cat([self.buf_k, k], dim=2)
+        self.buf_v = torch.cat([self.buf_v, v], dim=2)
+        n_buf = self.buf_k.shape[2]
+        if n_buf >= self.buffer + self.flush or (not self.last_had_past and n_buf > self.buffer):
+            n_out = n_buf - self.buffer
+            self._append_codes(self.buf_k[:, :, :n_out], self.buf_v[:, :, :n_out])
+            self.buf_k = self.buf_k[:, :, n_out:].clone()
+            self.buf_v = self.buf_v[:, :, n_out:].clone()
+        return key_states, value_states
+
+    def attend(self, query, attention_mask, scaling):
+        """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
+
+        ``attention_mask``: bool ``(B, 1, Q, seen)`` (True = attend) or None (then causal).
+        Returns ``(B, Q, H, d)``.
+        """
+        b, _, q_len, _ = query.shape
+        n_s, n_c = self.sink_k.shape[2], self.n_comp
+        if attention_mask is None:
+            q_pos = torch.arange(self.seen - q_len, self.seen, device=query.device)
+            allowed = torch.arange(self.seen, device=query.device)[None, :] <= q_pos[:, None]
+            attention_mask = allowed[None, None].expand(b, 1, q_len, self.seen)
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
+        m = attention_mask[:, 0, :, -self.seen :]
+        comp_mask = m[:, :, n_s : n_s + n_c]
+        exact_mask = torch.cat([m[:, :, :n_s], m[:, :, n_s + n_c :]], dim=-1)
+        k_exact = torch.cat([self.sink_k, self.buf_k], dim=2)
+        v_exact = torch.cat([self.sink_v, self.buf_v], dim=2)
+        if q_len == 1:
+            comp_mask, exact_mask = comp_mask[:, 0], exact_mask[:, 0]
+        out = kvdict_attention(
+            query,
+            self.dk,
+            self.dv,
+            self.k_idx[:, :, :n_c],
+            self.k_coef[:, :, :n_c],
+            self.v_idx[:, :, :n_c],
+            self.v_coef[:, :, :n_c],
+            k_exact,
+            v_exact,
+            scaling,
+            comp_mask=comp_mask,
+            exact_mask=exact_mask,
+        )
+        return out.transpose(1, 2).contiguous()
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _tensors(self):
+        return ("sink_k", "sink_v", "buf_k", "buf_v", "k_idx", "v_idx", "k_coef", "v_coef")
+
+    def nbytes(self) -> int:
+        """Bytes this layer has allocated (tensor storages, measured, not computed)."""
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).untyped_storage().nbytes() for n in self._tensors())
+
+    def _map_batch(self, fn):
+        if self.is_initialized:
+            for n in self._tensors():
+                setattr(self, n, fn(getattr(self, n)))
+
+    def reorder_cache(self, beam_idx):
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._map_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest tokens (negative count, as transformers passes), buffer first."""
+        if tokens_to_remove > 0:  # legacy form: the length to keep
+            tokens_to_remove = tokens_to_remove - self.seen
+        n = min(-tokens_to_remove, self.seen)
+        if n <= 0 or not self.is_initialized:
+            return
+        self.seen -= n
+        take = min(n, self.buf_k.shape[2])
+        self.buf_k, self.buf_v = (
+            self.buf_k[:, :, : self.buf_k.shape[2] - take],
+            self.buf_v[:, :, : self.buf_v.shape[2] - take],
+        )
+        n -= take
+        take = min(n, self.n_comp)
+        self.n_comp -= take
+        n -= take
+        if n:
+            keep = self.sink_k.shape[2] - n
+            self.sink_k, self.sink_v = self.sink_k[:, :, :keep], self.sink_v[:, :, :keep]
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.n_comp = self.seen = 0
+
+
+class KVSurgeryCache(Cache):
+    """A cache whose layers are given (compressed or dense); built by :func:`build_cache`."""
+
+    def __init__(self, layers):
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, KVDictLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                total += (
+                    layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+                )
+        return total
+
+
+def build_cache(model) -> KVSurgeryCache:
+    """A fresh compressed cache for a model prepared by ``install_kvdict``."""
+    state = model._kvsurgery_state
+    cfg = model.config.get_text_config(decoder=True)
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    layers = []
+    for i, lt in enumerate(layer_types):
+        spec = state["layers"][i]
+        if lt == "sliding_attention" and getattr(cfg, "sliding_window", None):
+            layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
+        elif spec is None or spec.get("dense"):
+            layers.append(DynamicLayer())
+        else:
+            mod = state["modules"][i]
+            layers.append(
+                KVDictLayer(
+                    mod.kvsurgery_dk,
+                    mod.kvsurgery_dv,
+                    mod._kvs_gram_k,
+                    mod._kvs_gram_v,
+                    spec["s_k"],
+                    spec["s_v"],
+                    sinks=state["sinks"],
+                    buffer=state["buffer"],
+                    flush=state["flush"],
+                    omp_tol=state.get("omp_tol"),
+                    coef_dtype=state.get("coef_dtype", "float8_e4m3fn"),
+                )
+            )
+    return KVSurgeryCache(layers)

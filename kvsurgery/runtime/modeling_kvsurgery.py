@@ -1,0 +1,74 @@
+"""Remote code of a kvsurgery checkpoint: the base model class plus a compressed KV cache.
+
+Loaded by ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``; needs only
+torch and transformers (and triton on a GPU for the fast kernels). Compression is on by
+default; ``attn_implementation="sdpa"`` (or passing your own ``past_key_values``) turns it
+off. ``model.kvsurgery_cache()`` gives a fresh compressed cache for manual use.
+"""
+
+from __future__ import annotations
+
+import transformers
+
+from .kvs_attention import ATTN_NAME, check_dictionaries, install_kvdict, refresh_grams
+from .kvs_cache import build_cache
+
+# Written by `kvsurgery export`: the transformers class this checkpoint was exported from.
+BASE_CLASS = "LlamaForCausalLM"
+_Base = getattr(transformers, BASE_CLASS)
+
+
+class KVSurgeryForCausalLM(_Base):
+    # Dictionaries keep full precision whatever dtype the model is loaded in.
+    _keep_in_fp32_modules_strict = ["kvsurgery_dk", "kvsurgery_dv"]
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        block = getattr(config, "kvsurgery", None)
+        if block is None:
+            raise ValueError(
+                "config.json has no `kvsurgery` block: this is not a kvsurgery checkpoint; "
+                "load it with its base class instead."
+            )
+        install_kvdict(self, block)
+        if config._attn_implementation_internal in (None, "sdpa_default"):
+            config._attn_implementation_internal = ATTN_NAME
+
+    @property
+    def kvsurgery_enabled(self) -> bool:
+        return self.config._attn_implementation == ATTN_NAME
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        asked = kwargs.get("attn_implementation")
+        model = super().from_pretrained(*args, **kwargs)
+        if asked is None and model.config._attn_implementation != ATTN_NAME:
+            model.set_attn_implementation(ATTN_NAME)
+        refresh_grams(model)
+        check_dictionaries(model)
+        return model
+
+    def kvsurgery_cache(self):
+        """A fresh compressed cache (``generate(past_key_values=model.kvsurgery_cache())``)."""
+        return build_cache(self)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if (
+            self.kvsurgery_enabled
+            and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+        ):
+            model_kwargs["past_key_values"] = build_cache(self)
+            return
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, *args, **kwargs
+        )
+
+    def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
+        use = use_cache if use_cache is not None else self.config.use_cache
+        if past_key_values is None and use and self.kvsurgery_enabled:
+            past_key_values = build_cache(self)
+        return super().forward(
+            *args, past_key_values=past_key_values, use_cache=use_cache, **kwargs
+        )
