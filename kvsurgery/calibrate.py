@@ -18,8 +18,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 from . import FORMAT_VERSION, __version__
 from .capture import capture_kv, load_layer
 from .data import DatasetSpec, check_seq_len, iter_texts, pack_tokens, tokens_digest
@@ -74,10 +72,12 @@ def read_manifest(calib_dir: str | Path) -> dict:
     return man
 
 
-def _calibrators():
-    from .kvdict_calibrate import calibrate_kvdict
+def _calibrator(method: str):
+    if method == "kvdict":
+        from .kvdict_calibrate import calibrate_kvdict
 
-    return {"kvdict": calibrate_kvdict}
+        return calibrate_kvdict
+    raise KVSurgeryError(f"no calibrator for method {method!r}")
 
 
 def calibrate(
@@ -105,7 +105,7 @@ def calibrate(
     methods = [r.method for r in recipes]
     if len(set(methods)) != len(methods):
         raise KVSurgeryError(f"two recipes for the same method in {methods}; give one per method.")
-    calibrators = _calibrators()
+    calibrators = {m: _calibrator(m) for m in methods}
     out.mkdir(parents=True, exist_ok=True)
 
     hf_model, tok, info = (
@@ -189,7 +189,3 @@ def calibrate(
     (out / "report.md").write_text(f"# KV report: {info.source}\n\n{report_table(layers, extra)}\n")
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)

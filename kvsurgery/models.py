@@ -211,7 +211,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = source or DEFAULT_MODEL
+    source = str(source or DEFAULT_MODEL)
     dtype = parse_dtype(dtype)
     kind = classify_source(source)
     if kind == "gguf":
@@ -262,7 +262,7 @@ def _check_config(config, source: str) -> None:
             f"{source!r} is an encoder-decoder model ({config.model_type}); kvsurgery compresses "
             "the self-attention cache of decoder-only causal LMs."
         )
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise KVSurgeryError(
@@ -279,6 +279,16 @@ def check_supported(model) -> None:
     """
     from .capture import RecordingCache
 
+    attn = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and hasattr(m, "is_causal")
+    ]
+    if attn and not any(m.is_causal for m in attn):
+        raise KVSurgeryError(
+            f"{type(model).__name__} is encoder-only: its attention is bidirectional "
+            "(is_causal=False), so there is no KV cache to compress; use a decoder-only causal LM."
+        )
     cfg = model.config.get_text_config(decoder=True)
     n_layers = cfg.num_hidden_layers
     cache = RecordingCache(model.config, record=lambda *a: None)

@@ -61,6 +61,7 @@ class KVDictConfig:
     s_k: int = 8  # non-zeros per key when no target is given
     s_v: int = 8
     target_ratio: float | None = None  # KV bytes/token over fp16, all layers (e.g. 0.2)
+    target_context: int = 4096  # context length at which target_ratio is met (sinks+buffer count)
     max_error: float | None = None  # or: smallest s with held-out relative error <= this
     s_min: int = 2
     s_max: int = 16
@@ -70,6 +71,7 @@ class KVDictConfig:
     buffer: int = 128  # exact recent tokens
     flush: int = 16  # tokens encoded at once when the buffer overflows
     omp_tol: float | None = None  # optional early stop of OMP at runtime
+    coef_dtype: str = "float8_e4m3fn"  # float16/float32 only for tests of the lossless limit
     dense: bool = False  # keep this layer uncompressed (per-layer override)
     seed: int = 0
 
@@ -108,6 +110,14 @@ class KVDictConfig:
         _require(self.sinks >= 0, "sinks", f"must be >= 0, got {self.sinks}")
         _require(self.buffer >= 1, "buffer", f"must be >= 1, got {self.buffer}")
         _require(self.flush >= 1, "flush", f"must be >= 1, got {self.flush}")
+        _require(
+            self.target_context >= 1, "target_context", f"must be >= 1, got {self.target_context}"
+        )
+        _require(
+            self.coef_dtype in ("float8_e4m3fn", "float16", "float32"),
+            "coef_dtype",
+            f"must be float8_e4m3fn, float16 or float32, got {self.coef_dtype!r}",
+        )
         if self.omp_tol is not None:
             _require(0 <= self.omp_tol < 1, "omp_tol", f"must be in [0, 1), got {self.omp_tol}")
 

@@ -1,0 +1,197 @@
+"""KV-Dict calibrator: learn per-layer dictionaries and choose per-layer sparsity.
+
+Reads the captured keys/values of a calibration folder and writes ``kvdict/``:
+``layer_XXX.safetensors`` (``dk``, ``dv`` ``(d, N)`` fp32, unit-norm atoms; written as each
+layer finishes, so an interrupted run resumes at the next layer) and ``result.json`` (per
+layer: chosen s_k/s_v, held-out relative error curves). Maths lives in
+:mod:`kvsurgery.dictlearn` and :mod:`kvsurgery.sparsity`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .capture import load_layer
+from .dictlearn import learn_dictionary, sparsity_curve
+from .errors import KVSurgeryError
+from .recipes import Recipe
+from .sparsity import choose_sparsity
+
+SUBDIR = "kvdict"
+
+
+def _split(x: torch.Tensor, holdout: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    n_hold = max(1, int(round(holdout * x.shape[0])))
+    return x[perm[n_hold:]], x[perm[:n_hold]]
+
+
+def _recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compressed_layers(dims: dict, recipe: Recipe) -> list[bool]:
+    """Which layers KV-Dict compresses: full-attention layers not marked dense."""
+    out = []
+    for i, lt in enumerate(dims["layer_types"]):
+        cfg = recipe.for_layer(i, lt)
+        out.append(lt != "sliding_attention" and not cfg.dense)
+    return out
+
+
+def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = True) -> dict:
+    out = Path(calib_dir) / SUBDIR
+    out.mkdir(exist_ok=True)
+    base = recipe.config
+    tag = _recipe_hash(recipe)
+    which = compressed_layers(dims, recipe)
+    s_max = max(base.s_max, base.s_k, base.s_v)
+    curves_k, curves_v, timing = {}, {}, {}
+    bar = tqdm(total=sum(which), desc="kvdict", unit="layer", disable=not progress)
+    for i, on in enumerate(which):
+        if not on:
+            continue
+        path = out / f"layer_{i:03d}.safetensors"
+        if path.is_file():
+            state = load_file(path)
+            if state["recipe"].numpy().tobytes().decode() == tag:
+                curves_k[i], curves_v[i] = state["curve_k"], state["curve_v"]
+                timing[i] = float(state["seconds"][0])
+                bar.update(1)
+                continue
+        cap = load_layer(calib_dir, i)
+        cfg = recipe.for_layer(i, dims["layer_types"][i])
+        t0 = time.perf_counter()
+        tensors = {}
+        for name, s in (("k", cfg.s_k), ("v", cfg.s_v)):
+            x = cap["keys" if name == "k" else "values"]
+            train, held = _split(x, base.holdout, base.seed + i)
+            if train.shape[0] < base.n_atoms:
+                raise KVSurgeryError(
+                    f"layer {i}: only {train.shape[0]} training vectors for {base.n_atoms} atoms; "
+                    "capture more (--samples, --seq-len, --max-vectors) or lower n_atoms."
+                )
+            D, _ = learn_dictionary(train, base.n_atoms, s, iters=base.iters, seed=base.seed + i)
+            tensors[f"d{name}"] = D.float().contiguous()
+            tensors[f"curve_{name}"] = sparsity_curve(held, D, s_max).float()
+        seconds = time.perf_counter() - t0
+        tensors["seconds"] = torch.tensor([seconds])
+        tensors["recipe"] = torch.frombuffer(bytearray(tag.encode()), dtype=torch.uint8)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, tmp)
+        tmp.replace(path)
+        curves_k[i], curves_v[i], timing[i] = tensors["curve_k"], tensors["curve_v"], seconds
+        bar.update(1)
+    bar.close()
+
+    layers = [i for i, on in enumerate(which) if on]
+    if not layers:
+        raise KVSurgeryError(
+            "the kvdict recipe leaves no layer to compress (all dense or sliding)."
+        )
+    err_k = torch.stack([curves_k[i] for i in layers])
+    err_v = torch.stack([curves_v[i] for i in layers])
+    if base.target_ratio is not None or base.max_error is not None:
+        exact = min(1.0, (base.sinks + base.buffer) / base.target_context)
+        target = base.target_ratio
+        if target is not None:
+            # Uncompressed layers cost 1 each; the compressed ones share what is left.
+            n_dense = len(which) - len(layers)
+            target = (target * len(which) - n_dense) / len(layers)
+            if target <= 0:
+                raise KVSurgeryError(
+                    f"target_ratio {base.target_ratio} is below what the {n_dense} uncompressed "
+                    "layers alone cost; raise it or compress more layers."
+                )
+        s_k, s_v = choose_sparsity(
+            err_k,
+            err_v,
+            d=dims["head_dim"],
+            target_ratio=target,
+            max_error=base.max_error,
+            s_min=base.s_min,
+            s_max=s_max,
+            exact_fraction=exact,
+        )
+    else:
+        s_k = [recipe.for_layer(i, dims["layer_types"][i]).s_k for i in layers]
+        s_v = [recipe.for_layer(i, dims["layer_types"][i]).s_v for i in layers]
+
+    per_layer: list[dict | None] = [None] * len(which)
+    for j, i in enumerate(layers):
+        per_layer[i] = {
+            "s_k": int(s_k[j]),
+            "s_v": int(s_v[j]),
+            "n_atoms_k": base.n_atoms,
+            "n_atoms_v": base.n_atoms,
+            "heldout_rel_err_k": round(float(err_k[j, s_k[j] - 1]), 5),
+            "heldout_rel_err_v": round(float(err_v[j, s_v[j] - 1]), 5),
+            "seconds": round(timing[i], 2),
+        }
+    for i, on in enumerate(which):
+        if not on:
+            per_layer[i] = {"dense": True}
+    result = {
+        "recipe": recipe.to_dict(),
+        "recipe_hash": tag,
+        "layers": per_layer,
+        "code_bytes_ratio": code_bytes_ratio(per_layer, dims["head_dim"]),
+        "curves_k": {str(i): [round(float(e), 5) for e in curves_k[i]] for i in layers},
+        "curves_v": {str(i): [round(float(e), 5) for e in curves_v[i]] for i in layers},
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    columns = {
+        "s_k": [p.get("s_k", "-") for p in per_layer],
+        "s_v": [p.get("s_v", "-") for p in per_layer],
+        "K rel.err": [p.get("heldout_rel_err_k", "-") for p in per_layer],
+        "V rel.err": [p.get("heldout_rel_err_v", "-") for p in per_layer],
+    }
+    return {
+        "manifest": {
+            "dir": SUBDIR,
+            "recipe_hash": tag,
+            "layers": per_layer,
+            "code_bytes_ratio": result["code_bytes_ratio"],
+            "settings": {k: v for k, v in dataclasses.asdict(base).items() if k != "dense"},
+        },
+        "report": {"layers": per_layer, "columns": columns},
+    }
+
+
+def code_bytes_ratio(per_layer: list[dict], head_dim: int) -> float:
+    """Bytes of one compressed token (int16 index + 1-byte coefficient per non-zero, K and V)
+    over its fp16 bytes, averaged over all layers (dense layers count as 1)."""
+    total = 0.0
+    for p in per_layer:
+        total += 1.0 if p.get("dense") else 3 * (p["s_k"] + p["s_v"]) / (4 * head_dim)
+    return round(total / len(per_layer), 4)
+
+
+def load_dictionaries(calib_dir, manifest: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    entry = manifest.get("methods", {}).get("kvdict")
+    if entry is None:
+        raise KVSurgeryError(
+            f"{calib_dir} has no KV-Dict calibration; run `kvsurgery calibrate --recipe "
+            "recipes/kvdict.yaml` first."
+        )
+    out = {}
+    for i, spec in enumerate(entry["layers"]):
+        if spec.get("dense"):
+            continue
+        path = Path(calib_dir) / entry["dir"] / f"layer_{i:03d}.safetensors"
+        if not path.is_file():
+            raise KVSurgeryError(
+                f"{path} is missing; the calibration folder is incomplete, re-run calibrate."
+            )
+        state = load_file(path)
+        out[i] = (state["dk"], state["dv"])
+    return out
