@@ -78,7 +78,7 @@ def generate_text(model: str, prompt: str, max_new_tokens: int) -> dict:
 
 def summarize(res: dict) -> dict:
     c, d = res["compressed"], res["dense"]
-    same = sum(a == b for a, b in zip(c["tokens"], d["tokens"]))
+    same = sum(a == b for a, b in zip(c["tokens"], d["tokens"], strict=False))
     n = max(len(d["tokens"]), 1)
     bpt_c = c["cache_bytes"] / max(c["cached_tokens"], 1)
     return {
