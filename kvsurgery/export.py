@@ -107,6 +107,12 @@ def apply_to_model(model, calib_dir, method: str = "kvdict") -> dict:
 
     manifest = read_manifest(calib_dir)
     block = build_block(manifest, method)
+    cap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
+    if cap:
+        raise KVSurgeryError(
+            f"{type(model).__name__} uses attention logit softcapping ({cap}), which the KV-Dict "
+            "decode kernels do not implement yet; its compressed outputs would be wrong."
+        )
     dims = model_dims(model.config)
     if dims != manifest["dims"]:
         raise KVSurgeryError(

@@ -27,6 +27,9 @@ class KVSurgeryForCausalLM(_Base):
     _keep_in_fp32_modules_strict = ["kvsurgery_dk", "kvsurgery_dv"]
 
     def __init__(self, config, *args, **kwargs):
+        # None here means the user asked for no attention implementation: compress. An
+        # explicit one (e.g. "sdpa", set on the config by from_pretrained) is respected.
+        requested = getattr(config, "_attn_implementation_internal", None)
         super().__init__(config, *args, **kwargs)
         block = getattr(config, "kvsurgery", None)
         if block is None:
@@ -35,7 +38,7 @@ class KVSurgeryForCausalLM(_Base):
                 "load it with its base class instead."
             )
         install_kvdict(self, block)
-        if config._attn_implementation_internal in (None, "sdpa_default"):
+        if requested is None:
             config._attn_implementation_internal = ATTN_NAME
 
     @property
@@ -44,10 +47,17 @@ class KVSurgeryForCausalLM(_Base):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        asked = kwargs.get("attn_implementation")
-        model = super().from_pretrained(*args, **kwargs)
-        if asked is None and model.config._attn_implementation != ATTN_NAME:
-            model.set_attn_implementation(ATTN_NAME)
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        except RuntimeError as e:
+            if "mismatched" not in str(e):
+                raise
+            raise ValueError(
+                "the checkpoint's weights do not match its config.json: a tensor has another "
+                "shape (see the load report above; for kvsurgery_dk/dv the per-layer "
+                "n_atoms_k/n_atoms_v of config.kvsurgery). The config or the weights were "
+                "altered: re-export the checkpoint."
+            ) from e
         refresh_grams(model)
         check_dictionaries(model)
         return model
