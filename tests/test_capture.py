@@ -159,3 +159,12 @@ def test_calibration_folder_manifest_and_report(tiny_llama_dir, tmp_path):
     )
     assert man2["data"] == man["data"]
     assert json.loads((tmp_path / "again" / "report.json").read_text()) == rep
+
+
+def test_capture_with_device_map_auto(tiny_llama_dir, tmp_path):
+    model, _, _ = load_model(tiny_llama_dir, device_map="auto")  # one CPU here: plain placement
+    ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(4))
+    cache = _dense_cache(model, ids)
+    capture_kv(model, ids, tmp_path, max_vectors=1000, seed=0, progress=False)
+    k, _ = _by_head_pos(load_layer(tmp_path, 1), 2, 24)
+    torch.testing.assert_close(k, cache.layers[1].keys[0].cpu(), rtol=0, atol=1e-6)

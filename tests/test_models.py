@@ -80,3 +80,19 @@ def test_default_model_alias_is_smollm2(smollm2):
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     assert getattr(model, "hf_quantizer", None) is None
     assert "quantization_config" not in model.config.to_dict()
+
+
+def test_gguf_file_loads_dequantized_and_exportable(smollm2, tmp_path):
+    """The .gguf route: dequantized weights equal the converted default model's."""
+    from kvsurgery.models import cache_dir
+
+    gguf = next((cache_dir() / "models").rglob("*.gguf"))
+    model, tok, info = load_model(str(gguf))
+    assert info.kind == "gguf" and info.revision.startswith("sha256:")
+    assert getattr(model, "hf_quantizer", None) is None
+    ref = smollm2[0]
+    torch.testing.assert_close(
+        model.model.layers[3].self_attn.k_proj.weight, ref.model.layers[3].self_attn.k_proj.weight
+    )
+    model.save_pretrained(tmp_path)  # refused while the GGUF quantizer is attached
+    assert (tmp_path / "model.safetensors").is_file()
