@@ -15,8 +15,6 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kvs_cache import KVDictLayer
-
 ATTN_NAME = "kvsurgery"
 FORMAT_VERSION = 1
 
@@ -31,7 +29,9 @@ def kvsurgery_attention(module, query, key, value, attention_mask, scaling=None,
     layer = None
     if cache is not None and module.layer_idx < len(getattr(cache, "layers", ())):
         layer = cache.layers[module.layer_idx]
-    if isinstance(layer, KVDictLayer) and layer.last_had_past:
+    # Any compressed layer (KV-Dict, ClusterKV, ...) attends over its own state once it
+    # holds a past; dense and sliding-window layers go to SDPA.
+    if getattr(layer, "last_had_past", False) and hasattr(layer, "attend"):
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         return layer.attend(query, attention_mask, scaling), None
