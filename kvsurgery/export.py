@@ -35,7 +35,7 @@ def runtime_sources() -> dict[str, str]:
 
     kernel_dir = Path(kernels.__file__).resolve().parent
     files = {p.name: p for p in sorted(_RUNTIME.glob("*.py")) if p.name != "__init__.py"}
-    for name in ("omp.py", "kvdict_attention.py"):
+    for name in ("omp.py", "kvdict_attention.py", "clusterkv.py"):
         files[name] = kernel_dir / name
     out = {}
     for name, path in files.items():

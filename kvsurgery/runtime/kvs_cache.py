@@ -247,7 +247,7 @@ class KVSurgeryCache(Cache):
     def nbytes(self) -> int:
         total = 0
         for layer in self.layers:
-            if isinstance(layer, KVDictLayer):
+            if hasattr(layer, "nbytes"):  # compressed layers measure their own storage
                 total += layer.nbytes()
             elif getattr(layer, "is_initialized", False) and layer.keys is not None:
                 total += (

@@ -12,10 +12,12 @@ import transformers
 
 # Every helper is imported here directly: remote-code loading copies only the files the
 # modeling file itself names (older transformers miss transitive imports).
+from ..kernels.clusterkv import sparse_attention  # noqa: F401
 from ..kernels.kvdict_attention import kvdict_attention  # noqa: F401
 from ..kernels.omp import omp  # noqa: F401
 from .kvs_attention import ATTN_NAME, check_dictionaries, install_kvdict, refresh_grams
 from .kvs_cache import build_cache
+from .kvs_clusterkv import ClusterKVLayer  # noqa: F401
 
 # Written by `kvsurgery export`: the transformers class this checkpoint was exported from.
 BASE_CLASS = "LlamaForCausalLM"

@@ -1,0 +1,377 @@
+"""ClusterKV cache layer: full K/V kept, decode attention reads only a budget of clusters.
+
+Paper: "ClusterKV: Manipulating LLM KV Cache in Semantic Space for Recallable
+Compression". This file is copied flat into exported checkpoints: it imports only torch,
+transformers and its sibling modules.
+
+Token order inside a layer is the order of positions, so column ``j`` of the attention
+mask is token ``j`` of the layer for every batch row. Regions of one batch row::
+
+    [ sinks | clustered segments ... | pending | recent window | current ]
+      exact    selected by budget      exact     exact           exact
+
+* After the dense prefill, at the first decode step, the keys between the sinks and the
+  recent window are clustered per kv head (spherical k-means, about ``tokens_per_cluster``
+  tokens per cluster): the prefill segment.
+* Tokens leaving the window become *pending* (attended exactly); when ``append_every`` of
+  them have accumulated they are clustered into ``append_clusters`` new clusters appended
+  to the existing ones (old clusters are never re-clustered).
+* A decode step scores every centroid against the query, takes whole clusters in
+  descending score order until ``budget`` tokens are filled (the last one truncated) and
+  attends exactly over those plus sinks, pending, window and the current token.
+
+The full K/V stays in memory (the saving would need CPU offload of the clustered part,
+out of scope here): the point is bandwidth, decode attention reads ``budget`` clustered
+tokens instead of all of them. Steps with several queries (chunked prefill, teacher
+forcing) attend densely over everything.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..kernels.clusterkv import kmeans, select_clusters, sparse_attention
+
+# K/V storage grows by blocks of this many tokens: one reallocation per block keeps
+# appends amortised O(1).
+KV_BLOCK = 256
+
+
+class ClusterKVLayer(CacheLayerMixin):
+    """One layer of a ClusterKV cache.
+
+    State (allocated on first ``update``; every tensor has the batch dimension first):
+      ``_k``/``_v`` ``(B, H_kv, capacity, d)`` all tokens, model dtype (``keys``/``values``
+      are views of the first ``seen`` positions);
+      ``centroids`` ``(B, H_kv, C, d)`` fp32; ``sizes`` ``(B, H_kv, C)`` int32 members per
+      cluster; ``offsets`` ``(B, H_kv, C)`` int32 start of each cluster in
+      ``sorted_ids`` ``(B, H_kv, N)`` int32 token positions ordered by cluster (cluster c
+      occupies ``sorted_ids[..., offsets[c] : offsets[c] + sizes[c]]``).
+    C and N are shared by the batch rows: a row with fewer valid (unpadded) tokens in a
+    segment gets zero-size clusters and unused slots at the end of the segment.
+
+    Settings: ``budget`` clustered tokens read per step and kv head; ``sinks`` first
+    tokens and ``window`` last tokens always exact; ``tokens_per_cluster`` sets the
+    prefill cluster count (``ceil(n / tokens_per_cluster)``); ``append_every`` /
+    ``append_clusters`` the incremental clustering; ``kmeans_iters`` and ``seed`` the
+    k-means.
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(
+        self,
+        *,
+        budget=1024,
+        sinks=16,
+        window=128,
+        tokens_per_cluster=80,
+        append_every=320,
+        append_clusters=8,
+        kmeans_iters=20,
+        seed=0,
+    ):
+        super().__init__()
+        self.budget, self.sinks, self.window = int(budget), int(sinks), int(window)
+        self.tokens_per_cluster = int(tokens_per_cluster)
+        self.append_every, self.append_clusters = int(append_every), int(append_clusters)
+        self.kmeans_iters, self.seed = int(kmeans_iters), int(seed)
+        for name in ("budget", "sinks", "window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ClusterKVLayer {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tokens_per_cluster", "append_every", "append_clusters", "kmeans_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ClusterKVLayer {name} must be >= 1, got {getattr(self, name)}")
+        self.seen = 0
+        self.last_had_past = False
+        # one entry per clustered segment: (tok_start, tok_end, c_start, c_end, s_start, s_end)
+        self.segments: list[tuple[int, int, int, int, int, int]] = []
+
+    # -- allocation -------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_zeros(b, h, 0, d)
+        self._v = value_states.new_zeros(b, h, 0, dv)
+        self.centroids = torch.zeros(b, h, 0, d, dtype=torch.float32, device=self.device)
+        self.sizes = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
+        self.offsets = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
+        self.sorted_ids = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
+        self.segments = []
+        self._views()
+        self.is_initialized = True
+
+    def _views(self):
+        self.keys = self._k[:, :, : self.seen]
+        self.values = self._v[:, :, : self.seen]
+
+    def _reserve(self, need: int) -> None:
+        cap = self._k.shape[2]
+        if need <= cap:
+            return
+        new_cap = -(-need // KV_BLOCK) * KV_BLOCK
+
+        def grow(t):
+            out = t.new_zeros(*t.shape[:2], new_cap, t.shape[3])
+            out[:, :, : self.seen] = t[:, :, : self.seen]
+            return out
+
+        self._k, self._v = grow(self._k), grow(self._v)
+
+    # -- cache verbs ------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Store new tokens ``(B, H_kv, T, d)``; returns them unchanged (prefill attention is dense)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.last_had_past = self.seen > 0
+        t = key_states.shape[2]
+        self._reserve(self.seen + t)
+        self._k[:, :, self.seen : self.seen + t] = key_states
+        self._v[:, :, self.seen : self.seen + t] = value_states
+        self.seen += t
+        self._views()
+        return key_states, value_states
+
+    @property
+    def n_clusters(self) -> int:
+        return self.segments[-1][3] if self.segments else 0
+
+    @property
+    def clustered_end(self) -> int:
+        """First position after the clustered segments (the sinks' end when there are none)."""
+        return self.segments[-1][1] if self.segments else min(self.sinks, self.seen)
+
+    # -- clustering -------------------------------------------------------------------
+    def _cluster_segment(self, t0: int, t1: int, valid: torch.Tensor, n_clusters) -> None:
+        """Cluster tokens ``[t0, t1)`` (the valid ones of each row) into a new segment.
+
+        ``valid`` ``(B, seen)`` bool; ``n_clusters(m)`` gives a row's cluster count for its
+        ``m`` valid tokens. Padded tokens get no cluster, so no budget is spent on them.
+        """
+        B, H, _, d = self._k.shape
+        M = t1 - t0
+        dev = self.device
+        c0, s0 = self.n_clusters, self.sorted_ids.shape[2]
+        seed = self.seed + len(self.segments)
+        keys = self._k[:, :, t0:t1]
+        vseg = valid[:, t0:t1]
+        rows = []  # (row indices, valid token positions relative to t0, C, cent, labels)
+        if bool(vseg.all()):
+            C = n_clusters(M)
+            cent, lab = kmeans(keys.reshape(B * H, M, d), C, self.kmeans_iters, seed)
+            pos = torch.arange(M, device=dev)
+            rows.append((slice(None), pos, C, cent.view(B, H, C, d), lab.view(B, H, M)))
+        else:
+            for b in range(B):
+                pos = vseg[b].nonzero().squeeze(1)
+                m = pos.numel()
+                if m == 0:
+                    continue
+                C = n_clusters(m)
+                cent, lab = kmeans(keys[b][:, pos], C, self.kmeans_iters, seed)
+                rows.append((slice(b, b + 1), pos, C, cent[None], lab[None]))
+        c_new = max((r[2] for r in rows), default=0)
+        cent_all = torch.zeros(B, H, c_new, d, dtype=torch.float32, device=dev)
+        sizes = torch.zeros(B, H, c_new, dtype=torch.int32, device=dev)
+        offsets = torch.full((B, H, c_new), s0, dtype=torch.int32, device=dev)
+        ids = torch.zeros(B, H, M, dtype=torch.int32, device=dev)
+        for sel, pos, C, cent, lab in rows:
+            m = pos.numel()
+            cnt = torch.zeros(*lab.shape[:2], C, dtype=torch.int64, device=dev)
+            cnt.scatter_add_(2, lab, torch.ones_like(lab))
+            order = torch.sort(lab, dim=-1, stable=True).indices  # cluster by cluster
+            cent_all[sel, :, :C] = cent
+            sizes[sel, :, :C] = cnt.to(torch.int32)
+            offsets[sel, :, :C] = (s0 + torch.cumsum(cnt, -1) - cnt).to(torch.int32)
+            ids[sel, :, :m] = (t0 + pos[order]).to(torch.int32)
+        self.centroids = torch.cat([self.centroids, cent_all], dim=2)
+        self.sizes = torch.cat([self.sizes, sizes], dim=2)
+        self.offsets = torch.cat([self.offsets, offsets], dim=2)
+        self.sorted_ids = torch.cat([self.sorted_ids, ids], dim=2)
+        self.segments.append((t0, t1, c0, c0 + c_new, s0, s0 + M))
+
+    def _maybe_cluster(self, valid: torch.Tensor) -> None:
+        """Cluster what has left the recent window (called at decode steps, before scoring)."""
+        limit = self.seen - 1 - self.window  # positions < limit have left the window
+        if not self.segments:
+            t0 = min(self.sinks, self.seen)
+            if limit > t0:
+                tpc = self.tokens_per_cluster
+                self._cluster_segment(t0, limit, valid, lambda m: -(-m // tpc))
+            return
+        k = self.append_clusters
+        while self.clustered_end + self.append_every <= limit:
+            t0 = self.clustered_end
+            self._cluster_segment(t0, t0 + self.append_every, valid, lambda m: min(k, m))
+
+    # -- attention --------------------------------------------------------------------
+    def _valid_mask(self, attention_mask, q_len: int, device) -> torch.Tensor:
+        """Bool ``(B, Q, seen)``, True = attend, from the 4-D mask (or causal if None)."""
+        b = self._k.shape[0]
+        if attention_mask is None:
+            q_pos = torch.arange(self.seen - q_len, self.seen, device=device)
+            allowed = torch.arange(self.seen, device=device)[None, :] <= q_pos[:, None]
+            return allowed[None].expand(b, q_len, self.seen)
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
+        return attention_mask[:, 0, :, -self.seen :].expand(b, q_len, self.seen)
+
+    def select_tokens(self, query, valid):
+        """Token positions one decode query attends to, per kv head.
+
+        ``query`` ``(B, H, 1, d)``; ``valid`` ``(B, seen)`` bool. Returns ``(index (B, H_kv,
+        L) int64, n_valid (B, H_kv) int64)``: the first ``n_valid`` entries are the valid
+        exact tokens (sinks, pending, window, current) followed by the valid selected
+        cluster members; the rest is padding.
+        """
+        B, H_kv, _, d = self._k.shape
+        H = query.shape[1]
+        g = H // H_kv
+        dev = query.device
+        n_s = min(self.sinks, self.seen)
+        ce = self.clustered_end
+        exact = torch.cat([torch.arange(n_s, device=dev), torch.arange(ce, self.seen, device=dev)])
+        E = exact.numel()
+        ids = exact.expand(B, H_kv, E)
+        ok = valid[:, exact][:, None].expand(B, H_kv, E)
+        n_sorted = self.sorted_ids.shape[2]
+        budget = min(self.budget, n_sorted)  # more than every clustered token is pointless
+        if self.n_clusters and budget:
+            # GQA: score a cluster by the MAX over the group's query heads. Under softmax
+            # a head's attention mass on a cluster is dominated by its largest logit, so
+            # a cluster that one head needs must be kept even if another head's logits
+            # for it are low (those get ~0 weight anyway); a sum would let such negative
+            # logits cancel it. q.c = mean member logit, since c is the members' mean.
+            qg = query[:, :, 0].float().reshape(B, H_kv, g, d)
+            sc = torch.matmul(self.centroids, qg.transpose(-1, -2)).amax(-1)  # (B, H_kv, C)
+            pos, n_sel = select_clusters(
+                sc.reshape(B * H_kv, -1),
+                self.sizes.reshape(B * H_kv, -1),
+                budget,
+                self.offsets.reshape(B * H_kv, -1),
+            )
+            tok = self.sorted_ids.reshape(B * H_kv, -1).gather(1, pos).long()
+            tok = tok.view(B, H_kv, budget)
+            live = torch.arange(budget, device=dev) < n_sel.view(B, H_kv, 1)
+            # the current mask still applies (normally these tokens were valid when clustered)
+            live = live & valid[:, None].expand(B, H_kv, self.seen).gather(2, tok)
+            ids = torch.cat([ids, tok], dim=2)
+            ok = torch.cat([ok, live], dim=2)
+        # compact: valid entries first, in order, so the kernel reads a dense prefix
+        L = ids.shape[2]
+        dest = torch.where(ok, torch.cumsum(ok.long(), dim=2) - 1, L)
+        index = torch.zeros(B, H_kv, L + 1, dtype=torch.int64, device=dev)
+        index.scatter_(2, dest, ids.long())
+        return index[:, :, :L], ok.sum(2)
+
+    def _dense(self, query, allowed, scaling):
+        """Exact attention over every token, fp32; fully masked rows give zeros."""
+        B, H, q_len, d = query.shape
+        H_kv = self._k.shape[1]
+        g = H // H_kv
+        k = self.keys.float()
+        v = self.values.float()
+        qg = query.float().reshape(B, H_kv, g * q_len, d)
+        s = torch.matmul(qg, k.transpose(-1, -2)).view(B, H_kv, g, q_len, -1) * scaling
+        s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+        mx = s.amax(-1, keepdim=True)
+        mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+        p = torch.exp(s - mx)
+        den = p.sum(-1, keepdim=True)
+        p = p * torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+        out = torch.matmul(p.view(B, H_kv, g * q_len, -1), v).view(B, H, q_len, -1)
+        return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def attend(self, query, attention_mask, scaling):
+        """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
+
+        ``attention_mask``: bool ``(B, 1, Q, seen)`` (True = attend), additive float, or
+        None (then causal). Single-query steps read the budgeted selection; multi-query
+        steps are exact. Returns ``(B, Q, H, d)``.
+        """
+        q_len = query.shape[2]
+        allowed = self._valid_mask(attention_mask, q_len, query.device)
+        if q_len != 1:
+            return self._dense(query, allowed, scaling)
+        valid = allowed[:, 0]
+        self._maybe_cluster(valid)
+        index, n_valid = self.select_tokens(query, valid)
+        out = sparse_attention(query, self.keys, self.values, index, n_valid, scaling)
+        return out.transpose(1, 2).contiguous()
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _tensors(self):
+        return ("_k", "_v", "centroids", "sizes", "offsets", "sorted_ids")
+
+    def nbytes(self) -> int:
+        """Bytes this layer has allocated (tensor storages, measured, not computed):
+        the full K/V plus the cluster metadata."""
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).untyped_storage().nbytes() for n in self._tensors())
+
+    def _map_batch(self, fn):
+        if self.is_initialized:
+            for n in self._tensors():
+                setattr(self, n, fn(getattr(self, n)))
+            self._views()
+
+    def reorder_cache(self, beam_idx):
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._map_batch(lambda t: t[indices])
+
+    def offload(self):
+        """Move all state to CPU (transformers' offloading hook)."""
+        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self._k.device != self.device:
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest tokens (negative count, as transformers passes).
+
+        Clustered segments that reach into the new recent window (or past the new end)
+        are dropped whole: their tokens become pending (exact) again and are re-clustered
+        when they leave the window, as if the removed tokens had never been generated.
+        """
+        if tokens_to_remove > 0:  # legacy form: the length to keep
+            tokens_to_remove = tokens_to_remove - self.seen
+        n = min(-tokens_to_remove, self.seen)
+        if n <= 0 or not self.is_initialized:
+            return
+        self.seen -= n
+        while self.segments and self.segments[-1][1] > self.seen - self.window:
+            self.segments.pop()
+        c_end = self.segments[-1][3] if self.segments else 0
+        s_end = self.segments[-1][5] if self.segments else 0
+        self.centroids = self.centroids[:, :, :c_end]
+        self.sizes = self.sizes[:, :, :c_end]
+        self.offsets = self.offsets[:, :, :c_end]
+        self.sorted_ids = self.sorted_ids[:, :, :s_end]
+        self._views()
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.seen = 0
+        self.segments = []
+        self.keys = self.values = None
