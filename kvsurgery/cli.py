@@ -170,11 +170,33 @@ def calibrate(
 )
 @click.option("--dtype", default="auto", show_default=True, help="Dtype of the exported weights.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically).")
-def export(calibration, method, out, model, dtype, overwrite):
+@click.option(
+    "--eval-results",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Output folder of `kvsurgery eval` whose results.md table goes into the model card.",
+)
+def export(calibration, method, out, model, dtype, overwrite, eval_results):
     """Write a checkpoint that loads with from_pretrained(trust_remote_code=True), compressed."""
     from .export import export as run
 
-    path = run(calibration, out, method=method, model=model, dtype=dtype, overwrite=overwrite)
+    table = None
+    if eval_results:
+        md = Path(eval_results) / "results.md"
+        if not md.is_file():
+            raise KVSurgeryError(
+                f"{eval_results} has no results.md; run `kvsurgery eval --out {eval_results}` first."
+            )
+        table = md.read_text()
+    path = run(
+        calibration,
+        out,
+        method=method,
+        model=model,
+        dtype=dtype,
+        overwrite=overwrite,
+        eval_table=table,
+    )
     click.echo(f"exported {method} checkpoint to {path}")
 
 

@@ -92,3 +92,46 @@ def test_model_and_seq_len_errors(tiny_llama_dir, tmp_path):
 def test_export_errors(tmp_path):
     r = run("export", "--calibration", tmp_path, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "is not a calibration folder" in r.output
+
+
+def test_export_puts_eval_table_in_card(tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "kv.yaml"
+    recipe.write_text("method: kvdict\nn_atoms: 32\ns_k: 3\ns_v: 3\niters: 2\n")
+    r = run(
+        "calibrate",
+        "--model",
+        tiny_llama_dir,
+        "--recipe",
+        recipe,
+        "--samples",
+        2,
+        "--seq-len",
+        64,
+        "--out",
+        tmp_path / "cal",
+    )
+    assert r.exit_code == 0, r.output
+    (tmp_path / "ev").mkdir()
+    r = run(
+        "export",
+        "--calibration",
+        tmp_path / "cal",
+        "--out",
+        tmp_path / "x",
+        "--eval-results",
+        tmp_path / "ev",
+    )
+    assert r.exit_code == 2 and "has no results.md" in r.output
+    (tmp_path / "ev" / "results.md").write_text("| method | ppl |\n|---|---|\n| kvdict | 1.01 |\n")
+    r = run(
+        "export",
+        "--calibration",
+        tmp_path / "cal",
+        "--out",
+        tmp_path / "x",
+        "--eval-results",
+        tmp_path / "ev",
+    )
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert "| kvdict | 1.01 |" in card and "trust_remote_code=True" in card
