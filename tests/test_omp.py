@@ -1,0 +1,331 @@
+"""Tests for kvsurgery.kernels.omp: the torch reference and the Triton kernel (interpreter)."""
+
+import os
+
+# Must precede the first `import triton` of the process for the interpreter to be used; if
+# another test module imported triton first, the kernel tests re-run in a fresh process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from kvsurgery.kernels import omp as K  # noqa: E402
+
+INTERPRETED = K.HAS_TRITON and K._interpreted()
+# Kernel tests run in-process on CUDA tensors (compiled) or on CPU tensors (interpreter).
+DEV = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+CAN_RUN_KERNEL = K.HAS_TRITON and (INTERPRETED or DEV == "cuda")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: one thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _dict(d, n, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(d, n, generator=g, dtype=torch.float64)
+    return (D / D.norm(dim=0)).to(dtype)
+
+
+def _sparse(m, D, s, seed=1):
+    """x = D[:, support] @ coef with |coef| in [1, 2]: a well-separated s-sparse signal."""
+    g = torch.Generator().manual_seed(seed)
+    n = D.shape[1]
+    support = torch.rand(m, n, generator=g).argsort(1)[:, :s]
+    coef = (1 + torch.rand(m, s, generator=g)) * torch.randn(m, s, generator=g).sign()
+    return K.reconstruct(support, coef, D), support, coef
+
+
+def _lsq(A, b):
+    """Least squares via the normal equations (fp64, small well-conditioned A)."""
+    return torch.linalg.solve(A.T @ A, A.T @ b)
+
+
+def _textbook_omp(x, D, s):
+    """Plain OMP in fp64 with a least-squares solve per step (independent of the module)."""
+    x, D = x.double(), D.double()
+    out = []
+    for v in x:
+        r, chosen = v.clone(), []
+        for _ in range(s):
+            c = (D.T @ r).abs()
+            c[chosen] = -1
+            chosen.append(int(c.argmax()))
+            sub = D[:, chosen]
+            a = _lsq(sub, v)
+            r = v - sub @ a
+        out.append(chosen)
+    return torch.tensor(out)
+
+
+# d = 128 keeps the random dictionaries incoherent enough for OMP's recovery guarantee to
+# hold on every row at s = 8 (at d = 64 a few rows already fail, in any OMP).
+@pytest.mark.parametrize(
+    "d,n,s", [(64, 128, 1), (64, 128, 3), (64, 300, 3), (64, 300, 5), (128, 128, 8), (128, 300, 8)]
+)
+def test_exact_recovery_of_sparse_signals(d, n, s):
+    D = _dict(d, n)
+    x, support, coef = _sparse(40, D, s)
+    idx, got = K.omp_ref(x, D, s)
+    order_true = support.argsort(1)
+    order_got = idx.argsort(1)
+    assert torch.equal(support.gather(1, order_true), idx.gather(1, order_got))
+    torch.testing.assert_close(
+        got.gather(1, order_got), coef.gather(1, order_true), atol=1e-4, rtol=1e-4
+    )
+    assert (K.reconstruct(idx, got, D) - x).norm(dim=1).max() < 1e-4 * x.norm(dim=1).min()
+
+
+def test_lossless_with_a_full_basis():
+    d = 16
+    x = torch.randn(27, d, generator=torch.Generator().manual_seed(3))
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(4)))
+    for D in (torch.eye(d), Q):
+        idx, coef, err = K.omp_ref(x, D, d, return_errors=True)
+        torch.testing.assert_close(K.reconstruct(idx, coef, D), x, atol=1e-5, rtol=1e-5)
+        assert err[:, -1].max() < 1e-3
+        # Each basis vector is used once.
+        assert torch.equal(idx.sort(1).values, torch.arange(d).expand(27, d))
+
+
+def test_identity_picks_largest_entries_in_order():
+    x = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
+    idx, coef = K.omp_ref(x, torch.eye(4), 2)
+    assert idx.tolist() == [[1, 2]]
+    assert coef.tolist() == [[-3.0, 2.0]]
+
+
+@pytest.mark.parametrize("m", [27, 61])
+@pytest.mark.parametrize("d,n", [(16, 37), (64, 128), (16, 300)])
+@pytest.mark.parametrize("s", [1, 3, 8])
+def test_matches_textbook_omp_on_odd_sizes(m, d, n, s):
+    D = _dict(d, n, seed=d + n)
+    x = torch.randn(m, d, generator=torch.Generator().manual_seed(m))
+    idx, coef, err = K.omp_ref(x, D, s, return_errors=True)
+    assert idx.shape == (m, s) and idx.dtype == torch.int64
+    assert coef.shape == (m, s) and coef.dtype == torch.float32
+    assert torch.equal(idx, _textbook_omp(x, D, s))
+    # The tracked residual equals the one of the reconstruction, and never grows.
+    x_hat = K.reconstruct(idx, coef, D)
+    direct = (x - x_hat).norm(dim=1) / x.norm(dim=1)
+    torch.testing.assert_close(err[:, -1], direct, atol=2e-4, rtol=1e-3)
+    assert (err[:, 1:] <= err[:, :-1] + 1e-6).all()
+    # Coefficients are the least-squares fit on the chosen atoms.
+    for r in range(0, m, 13):
+        sub = D[:, idx[r]].double()
+        ls = _lsq(sub, x[r].double())
+        torch.testing.assert_close(coef[r].double(), ls, atol=1e-4, rtol=1e-4)
+
+
+def test_tol_stops_early_with_zero_slots():
+    D = _dict(16, 64)
+    x = torch.randn(61, 16, generator=torch.Generator().manual_seed(5))
+    s, tol = 8, 0.4
+    full_idx, full_coef, full_err = K.omp_ref(x, D, s, return_errors=True)
+    idx, coef, err = K.omp_ref(x, D, s, tol=tol, return_errors=True)
+    # First step at which each vector reaches the tolerance (s - 1 if never).
+    reached = full_err <= tol
+    assert reached.any(1).sum() > 10 and (~reached[:, 0]).sum() > 10  # the test means something
+    first = torch.where(reached.any(1), reached.int().argmax(1), torch.full((61,), s - 1))
+    for r in range(61):
+        k = int(first[r]) + 1
+        short_idx, short_coef = K.omp_ref(x[r : r + 1], D, k)
+        assert torch.equal(idx[r, :k], full_idx[r, :k])
+        assert torch.equal(idx[r, :k], short_idx[0])
+        torch.testing.assert_close(coef[r, :k], short_coef[0])
+        assert (idx[r, k:] == 0).all() and (coef[r, k:] == 0).all()
+        assert (err[r, k:] == err[r, k - 1]).all()
+    x_hat = K.reconstruct(idx, coef, D)
+    stopped = reached.any(1)
+    rel = (x - x_hat).norm(dim=1) / x.norm(dim=1)
+    assert (rel[stopped] <= tol + 1e-5).all()
+
+
+def test_zero_rows_and_chunking():
+    D = _dict(16, 37)
+    x = torch.randn(27, 16, generator=torch.Generator().manual_seed(6))
+    x[[0, 5, 26]] = 0
+    idx, coef, err = K.omp_ref(x, D, 3, return_errors=True)
+    assert (coef[[0, 5, 26]] == 0).all() and (idx[[0, 5, 26]] == 0).all()
+    assert (err[[0, 5, 26]] == 0).all()
+    assert torch.isfinite(coef).all()
+    alone_idx, alone_coef = K.omp_ref(x[1:5], D, 3)
+    assert torch.equal(alone_idx, idx[1:5])
+    torch.testing.assert_close(alone_coef, coef[1:5])
+    small_idx, small_coef = K.omp_ref(x, D, 3, chunk=4)
+    assert torch.equal(small_idx, idx)
+    torch.testing.assert_close(small_coef, coef)
+
+
+def test_dtypes_leading_dims_and_dispatch():
+    D = _dict(16, 37)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(7))
+    idx, coef = K.omp_ref(x.to(torch.bfloat16), D, 3)
+    assert idx.shape == (2, 5, 3) and coef.dtype == torch.float32
+    idx2, coef2 = K.omp(x.to(torch.bfloat16).reshape(10, 16), D, 3)  # CPU -> reference
+    assert torch.equal(idx.reshape(10, 3), idx2)
+    assert K.reconstruct(idx, coef, D).shape == (2, 5, 16)
+
+
+def test_rejects_bad_shapes():
+    D = _dict(16, 37)
+    with pytest.raises(ValueError, match=r"s must be in \[1, N=37\]"):
+        K.omp_ref(torch.randn(3, 16), D, 38)
+    with pytest.raises(ValueError, match="last dimension 8 but D has d=16"):
+        K.omp_ref(torch.randn(3, 8), D, 2)
+    with pytest.raises(ValueError, match="gram must be"):
+        K.omp_ref(torch.randn(3, 16), D, 2, gram=torch.eye(5))
+
+
+def test_dependent_atoms_stop_instead_of_nan():
+    # Two copies of every atom: after d picks the rest are in the span.
+    base = torch.eye(4)
+    D = torch.cat([base, base, _dict(4, 3)], 1)
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(8))
+    idx, coef = K.omp_ref(x, D, 7)
+    assert torch.isfinite(coef).all()
+    torch.testing.assert_close(K.reconstruct(idx, coef, D), x, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- Triton kernel (interpreter)
+
+needs_kernel = pytest.mark.skipif(
+    not CAN_RUN_KERNEL,
+    reason="triton missing, or imported before TRITON_INTERPRET=1 (see the subprocess test)",
+)
+
+
+def _correlations(x, D, prefix):
+    """|D^T r| for the least-squares residual of x on the atoms in prefix (fp64)."""
+    x, D = x.double(), D.double()
+    if prefix:
+        sub = D[:, prefix]
+        r = x - sub @ _lsq(sub, x)
+    else:
+        r = x
+    return (D.T @ r).abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "m,d,n,s,tol",
+    [
+        (27, 16, 37, 3, None),
+        (61, 64, 128, 8, None),
+        (61, 16, 300, 8, 0.3),
+        (27, 64, 300, 1, None),
+        (27, 16, 37, 8, 0.5),
+        (17, 8, 20, 5, None),
+    ],
+)
+def test_triton_matches_reference(m, d, n, s, tol):
+    D = _dict(d, n, seed=n)
+    x = torch.randn(m, d, generator=torch.Generator().manual_seed(m + s))
+    x[3] = 0
+    ref = K.omp_ref(x, D, s, tol=tol, return_errors=True)
+    tri = [t.cpu() for t in K.omp_triton(x.to(DEV), D.to(DEV), s, tol=tol, return_errors=True)]
+    same = (ref[0] == tri[0]).all(1)
+    for r in (~same).nonzero().flatten().tolist():
+        # Only a near-tie may send the two down different paths.
+        k = int((ref[0][r] != tri[0][r]).int().argmax())
+        c = _correlations(x[r], D, ref[0][r, :k].tolist())
+        a, b = int(ref[0][r, k]), int(tri[0][r, k])
+        assert abs(c[a] - c[b]) <= 1e-5 * c.max(), f"row {r} step {k}: {c[a]} vs {c[b]}"
+    assert same.float().mean() > 0.9
+    torch.testing.assert_close(tri[1][same], ref[1][same], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tri[2][same], ref[2][same], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        K.reconstruct(tri[0], tri[1], D)[same],
+        K.reconstruct(*ref[:2], D)[same],
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    assert (tri[1][3] == 0).all() and (tri[0][3] == 0).all()
+    if tol is not None:
+        assert (tri[1] == 0).any()  # some vector did stop early
+
+
+@needs_kernel
+def test_triton_exact_recovery_and_ties():
+    D = _dict(64, 128)
+    x, support, coef = _sparse(20, D, 5)
+    idx, got = K.omp_triton(x, D, 5)
+    assert torch.equal(idx.sort(1).values, support.sort(1).values)
+    # Exact ties (identity dictionary, equal entries) resolve to the lowest index, as in torch.
+    xt = torch.tensor([[1.0, 2.0, 2.0, 1.0, 0.5] + [0.0] * 35])
+    assert (
+        K.omp_triton(xt, torch.eye(40), 3)[0].tolist()
+        == K.omp_ref(xt, torch.eye(40), 3)[0].tolist()
+    )
+
+
+@pytest.mark.skipif(CAN_RUN_KERNEL or not K.HAS_TRITON, reason="kernel tests ran in-process")
+def test_triton_in_fresh_interpreter_process():
+    """When triton was imported in compiled mode before this module, run the kernel tests anew."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "triton_matches or triton_exact",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+_COMPILE_SM90 = r"""
+import sys
+try:
+    import triton
+    import triton.backends.nvidia  # noqa: F401
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except Exception as e:  # no CUDA backend, or the API moved: nothing to check here
+    print("SKIP", repr(e))
+    sys.exit(0)
+from kvsurgery.kernels.omp import DEP_EPS, _omp_kernel
+
+ptrs = dict(x_ptr="*fp32", d_ptr="*fp32", g_ptr="*fp32", p_ptr="*fp32", idx_ptr="*i64",
+            coef_ptr="*fp32", err_ptr="*fp32")
+for s, s_pad, d_pad, has_tol, warps in [(8, 8, 128, True, 8), (3, 4, 16, False, 8), (20, 32, 64, True, 16)]:
+    consts = dict(S=s, S_PAD=s_pad, D_PAD=d_pad, BLOCK_M=16, BLOCK_N=16, HAS_TOL=has_tol,
+                  DEP_TOL=DEP_EPS)
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "tol" else "i32")
+           for n in _omp_kernel.arg_names}
+    src = ASTSource(fn=_omp_kernel, signature=sig, constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert "cubin" in k.asm
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not K.HAS_TRITON, reason="no triton")
+def test_kernel_compiles_for_sm90():
+    """The interpreter executes the kernel as Python and skips Triton's compiler checks
+    (types of loop-carried values, shapes, constexpr use); compile for sm_90 without a GPU."""
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    if r.stdout.startswith("SKIP"):
+        pytest.skip(r.stdout.strip())
+    assert "OK" in r.stdout
