@@ -11,10 +11,11 @@ so column ``j`` of the attention mask is token ``j`` of the layer for every batc
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..kernels.kvdict_attention import kvdict_attention
 from ..kernels.omp import omp
+from .kvs_layer import CompressedLayer
 
 # Codes are stored in blocks of this many tokens: one reallocation per block keeps appends
 # amortised O(1) while the allocated bytes stay within one block of what the format promises.
@@ -27,7 +28,7 @@ _COEF_DTYPES = {
 _FP8_MAX = 448.0
 
 
-class KVDictLayer(CacheLayerMixin):
+class KVDictLayer(CompressedLayer):
     """One layer of a KV-Dict cache.
 
     State (allocated on first ``update``):
@@ -37,11 +38,6 @@ class KVDictLayer(CacheLayerMixin):
       buf_k/buf_v ``(B, H_kv, n_buf, d)`` exact recent tokens, ``buffer <= n_buf < buffer + flush``
       between steps. A token is encoded once, when it leaves the buffer.
     """
-
-    is_sliding = False
-    is_croppable = True
-    is_compileable = False
-    supports_early_init = False
 
     def __init__(
         self,
@@ -180,37 +176,8 @@ class KVDictLayer(CacheLayerMixin):
         )
         return out.transpose(1, 2).contiguous()
 
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def _tensors(self):
         return ("sink_k", "sink_v", "buf_k", "buf_v", "k_idx", "v_idx", "k_coef", "v_coef")
-
-    def nbytes(self) -> int:
-        """Bytes this layer has allocated (tensor storages, measured, not computed)."""
-        if not self.is_initialized:
-            return 0
-        return sum(getattr(self, n).untyped_storage().nbytes() for n in self._tensors())
-
-    def _map_batch(self, fn):
-        if self.is_initialized:
-            for n in self._tensors():
-                setattr(self, n, fn(getattr(self, n)))
-
-    def reorder_cache(self, beam_idx):
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int):
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices):
-        self._map_batch(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens (negative count, as transformers passes), buffer first."""

@@ -29,16 +29,16 @@ forcing) attend densely over everything.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from ..kernels.clusterkv import kmeans, select_clusters, sparse_attention
+from .kvs_layer import CompressedLayer
 
 # K/V storage grows by blocks of this many tokens: one reallocation per block keeps
 # appends amortised O(1).
 KV_BLOCK = 256
 
 
-class ClusterKVLayer(CacheLayerMixin):
+class ClusterKVLayer(CompressedLayer):
     """One layer of a ClusterKV cache.
 
     State (allocated on first ``update``; every tensor has the batch dimension first):
@@ -57,11 +57,6 @@ class ClusterKVLayer(CacheLayerMixin):
     ``append_clusters`` the incremental clustering; ``kmeans_iters`` and ``seed`` the
     k-means.
     """
-
-    is_sliding = False
-    is_croppable = True
-    is_compileable = False
-    supports_early_init = False
 
     def __init__(
         self,
@@ -305,39 +300,11 @@ class ClusterKVLayer(CacheLayerMixin):
         return out.transpose(1, 2).contiguous()
 
     # -- bookkeeping ------------------------------------------------------------------
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def _tensors(self):
         return ("_k", "_v", "centroids", "sizes", "offsets", "sorted_ids")
 
-    def nbytes(self) -> int:
-        """Bytes this layer has allocated (tensor storages, measured, not computed):
-        the full K/V plus the cluster metadata."""
-        if not self.is_initialized:
-            return 0
-        return sum(getattr(self, n).untyped_storage().nbytes() for n in self._tensors())
-
-    def _map_batch(self, fn):
-        if self.is_initialized:
-            for n in self._tensors():
-                setattr(self, n, fn(getattr(self, n)))
-            self._views()
-
-    def reorder_cache(self, beam_idx):
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int):
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices):
-        self._map_batch(lambda t: t[indices])
+    def _after_batch_map(self) -> None:
+        self._views()
 
     def offload(self):
         """Move all state to CPU (transformers' offloading hook)."""

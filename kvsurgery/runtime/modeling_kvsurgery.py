@@ -8,6 +8,8 @@ off. ``model.kvsurgery_cache()`` gives a fresh compressed cache for manual use.
 
 from __future__ import annotations
 
+import re
+
 import transformers
 
 # Every helper is imported here directly: remote-code loading copies only the files the
@@ -18,6 +20,7 @@ from ..kernels.omp import omp  # noqa: F401
 from .kvs_attention import ATTN_NAME, check_dictionaries, install_kvdict, refresh_grams
 from .kvs_cache import build_cache
 from .kvs_clusterkv import ClusterKVLayer  # noqa: F401
+from .kvs_layer import CompressedLayer  # noqa: F401
 
 # Written by `kvsurgery export`: the transformers class this checkpoint was exported from.
 BASE_CLASS = "LlamaForCausalLM"
@@ -49,8 +52,9 @@ class KVSurgeryForCausalLM(_Base):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
         try:
-            model = super().from_pretrained(*args, **kwargs)
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except RuntimeError as e:
             if "mismatched" not in str(e):
                 raise
@@ -60,9 +64,18 @@ class KVSurgeryForCausalLM(_Base):
                 "n_atoms_k/n_atoms_v of config.kvsurgery). The config or the weights were "
                 "altered: re-export the checkpoint."
             ) from e
+        missing = sorted(k for k in info.get("missing_keys", ()) if "kvsurgery_" in k)
+        if missing:
+            where = re.search(r"layers\.(\d+)\..*(kvsurgery_\w+)", missing[0])
+            what = f"layer {where[1]} {where[2]}" if where else missing[0]
+            raise ValueError(
+                f"{what} was not loaded (missing from the checkpoint's weights"
+                + (f", with {len(missing) - 1} more" if len(missing) > 1 else "")
+                + "); the checkpoint is incomplete: re-export it with `kvsurgery export`."
+            )
         refresh_grams(model)
         check_dictionaries(model)
-        return model
+        return (model, info) if want_info else model
 
     def kvsurgery_cache(self):
         """A fresh compressed cache (``generate(past_key_values=model.kvsurgery_cache())``)."""
