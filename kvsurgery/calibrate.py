@@ -12,6 +12,7 @@ The calibration folder::
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -72,12 +73,23 @@ def read_manifest(calib_dir: str | Path) -> dict:
     return man
 
 
-def _calibrator(method: str):
-    if method == "kvdict":
-        from .kvdict_calibrate import calibrate_kvdict
+# Each method's calibrator module provides ``calibrate(calib_dir, recipe, dims, progress)``
+# (returns ``{"manifest": entry, "report": ...}``), ``runtime_block(entry)`` (the method
+# part of the exported config block) and ``load_tensors(calib_dir, entry)`` (``{layer:
+# {buffer name: tensor}}``, the learned tensors the runtime's buffers hold).
+CALIBRATORS = {"kvdict": "kvdict_calibrate"}
 
-        return calibrate_kvdict
-    raise KVSurgeryError(f"no calibrator for method {method!r}")
+
+def method_module(method: str):
+    if method not in CALIBRATORS:
+        raise KVSurgeryError(
+            f"no calibrator for method {method!r}; known methods: {', '.join(sorted(CALIBRATORS))}."
+        )
+    return importlib.import_module(f"{__package__}.{CALIBRATORS[method]}")
+
+
+def _calibrator(method: str):
+    return method_module(method).calibrate
 
 
 def calibrate(

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import KVSurgeryError
+from .recipes import METHODS
 
 _MODEL_HELP = "Hub id, local folder, .gguf file or alias (default: smollm2-135m, works offline)."
 
@@ -161,8 +162,8 @@ def calibrate(
     "--method",
     default="kvdict",
     show_default=True,
-    type=click.Choice(["kvdict"]),
-    help="Compression method to export.",
+    type=click.Choice(sorted(METHODS)),
+    help="Compression method to export (its results must be in the calibration folder).",
 )
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the checkpoint to.")
 @click.option(

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 from . import FORMAT_VERSION, __version__
-from .calibrate import read_manifest
+from .calibrate import method_module, read_manifest
 from .errors import KVSurgeryError
-from .kvdict_calibrate import load_dictionaries
 from .models import load_model, model_dims
 
 _PKG = Path(__file__).resolve().parent
@@ -35,8 +34,9 @@ def runtime_sources() -> dict[str, str]:
 
     kernel_dir = Path(kernels.__file__).resolve().parent
     files = {p.name: p for p in sorted(_RUNTIME.glob("*.py")) if p.name != "__init__.py"}
-    for name in ("omp.py", "kvdict_attention.py", "clusterkv.py"):
-        files[name] = kernel_dir / name
+    for path in sorted(kernel_dir.glob("*.py")):
+        if path.name != "__init__.py":
+            files[path.name] = path
     out = {}
     for name, path in files.items():
         text = path.read_text()
@@ -65,23 +65,10 @@ def build_block(manifest: dict, method: str) -> dict:
             f"the calibration has no {method!r} results (it has {sorted(manifest.get('methods', {}))}); "
             f"run `kvsurgery calibrate --recipe recipes/{method}.yaml` first."
         )
-    settings = entry["settings"]
-    layers = [
-        {"dense": True}
-        if spec.get("dense")
-        else {k: spec[k] for k in ("s_k", "s_v", "n_atoms_k", "n_atoms_v")}
-        for spec in entry["layers"]
-    ]
     return {
         "format_version": FORMAT_VERSION,
         "method": method,
-        "layers": layers,
-        "sinks": settings["sinks"],
-        "buffer": settings["buffer"],
-        "flush": settings["flush"],
-        "omp_tol": settings["omp_tol"],
-        "coef_dtype": settings["coef_dtype"],
-        "code_bytes_ratio": entry["code_bytes_ratio"],
+        **method_module(method).runtime_block(entry),
         "recipe": manifest["recipes"].get(method),
         "calibration": {
             "model": manifest["model"],
@@ -103,15 +90,15 @@ def apply_to_model(model, calib_dir, method: str = "kvdict") -> dict:
     Returns the config block. Use ``kvsurgery.runtime.kvs_cache.build_cache(model)`` as
     ``past_key_values``. This is the in-process twin of an exported checkpoint.
     """
-    from .runtime.kvs_attention import install_kvdict
+    from .runtime.kvs_attention import install
 
     manifest = read_manifest(calib_dir)
     block = build_block(manifest, method)
     cap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
     if cap:
         raise KVSurgeryError(
-            f"{type(model).__name__} uses attention logit softcapping ({cap}), which the KV-Dict "
-            "decode kernels do not implement yet; its compressed outputs would be wrong."
+            f"{type(model).__name__} uses attention logit softcapping ({cap}), which the "
+            "compressed decode kernels do not implement yet; its compressed outputs would be wrong."
         )
     dims = model_dims(model.config)
     if dims != manifest["dims"]:
@@ -119,7 +106,8 @@ def apply_to_model(model, calib_dir, method: str = "kvdict") -> dict:
             f"the model's attention dimensions {dims} differ from the calibrated model's "
             f"{manifest['dims']}; export with the model the calibration was made on."
         )
-    install_kvdict(model, block, load_dictionaries(calib_dir, manifest))
+    entry = manifest["methods"][method]
+    install(model, block, method_module(method).load_tensors(calib_dir, entry))
     return block
 
 
@@ -137,8 +125,6 @@ def export(
     """Write an augmented checkpoint to ``out_dir`` atomically; returns its path."""
     calib_dir = Path(calib_dir)
     out = Path(out_dir).resolve()
-    if method != "kvdict":
-        raise KVSurgeryError(f"method {method!r} has no exporter yet; available: kvdict.")
     if out.exists() and not overwrite:
         raise KVSurgeryError(f"{out} already exists; choose another --out or pass --overwrite.")
     manifest = read_manifest(calib_dir)

@@ -177,12 +177,40 @@ def code_bytes_ratio(per_layer: list[dict], head_dim: int) -> float:
 
 
 def load_dictionaries(calib_dir, manifest: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (D_k, D_v)}`` of a calibration folder's KV-Dict results."""
     entry = manifest.get("methods", {}).get("kvdict")
     if entry is None:
         raise KVSurgeryError(
             f"{calib_dir} has no KV-Dict calibration; run `kvsurgery calibrate --recipe "
             "recipes/kvdict.yaml` first."
         )
+    return {
+        i: (t["kvsurgery_dk"], t["kvsurgery_dv"]) for i, t in load_tensors(calib_dir, entry).items()
+    }
+
+
+# -- method interface (see calibrate.method_module) -----------------------------------------
+calibrate = calibrate_kvdict
+
+
+def runtime_block(entry: dict) -> dict:
+    """The method part of the ``kvsurgery`` config block from this method's manifest entry."""
+    settings = entry["settings"]
+    layers = [
+        {"dense": True}
+        if spec.get("dense")
+        else {k: spec[k] for k in ("s_k", "s_v", "n_atoms_k", "n_atoms_v")}
+        for spec in entry["layers"]
+    ]
+    return {
+        "layers": layers,
+        **{k: settings[k] for k in ("sinks", "buffer", "flush", "omp_tol", "coef_dtype")},
+        "code_bytes_ratio": entry["code_bytes_ratio"],
+    }
+
+
+def load_tensors(calib_dir, entry: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """``{layer: {buffer name: tensor}}``: the learned dictionaries of every compressed layer."""
     out = {}
     for i, spec in enumerate(entry["layers"]):
         if spec.get("dense"):
@@ -193,5 +221,5 @@ def load_dictionaries(calib_dir, manifest: dict) -> dict[int, tuple[torch.Tensor
                 f"{path} is missing; the calibration folder is incomplete, re-run calibrate."
             )
         state = load_file(path)
-        out[i] = (state["dk"], state["dv"])
+        out[i] = {"kvsurgery_dk": state["dk"], "kvsurgery_dv": state["dv"]}
     return out

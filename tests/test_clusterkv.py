@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from kvsurgery.kernels import clusterkv as ck  # noqa: E402
 
 from kvsurgery.runtime import kvs_attention  # noqa: E402
-from kvsurgery.runtime.kvs_cache import KVSurgeryCache  # noqa: E402
 from kvsurgery.runtime.kvs_clusterkv import KV_BLOCK, ClusterKVLayer  # noqa: E402
+from kvsurgery.runtime.kvs_methods import KVSurgeryCache  # noqa: E402
 
 CAN_RUN_TRITON = ck._HAS_TRITON and ck.triton_interpreter_active()
 needs_triton = pytest.mark.skipif(

@@ -24,7 +24,7 @@ from kvsurgery.export import apply_to_model, export, inspect_checkpoint, push
 from kvsurgery.models import load_model
 from kvsurgery.recipes import CalibrationConfig, recipe_from_dict
 from kvsurgery.runtime.kvs_attention import ATTN_NAME
-from kvsurgery.runtime.kvs_cache import build_cache
+from kvsurgery.runtime.kvs_methods import build_cache
 
 RECIPE = {
     "method": "kvdict",

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvsurgery.runtime.kvs_attention import ATTN_NAME, install_kvdict
-from kvsurgery.runtime.kvs_cache import CODE_BLOCK, KVDictLayer, build_cache
+from kvsurgery.runtime.kvs_cache import CODE_BLOCK, KVDictLayer
+from kvsurgery.runtime.kvs_methods import build_cache
 
 HD = 16
 
@@ -62,10 +63,18 @@ def test_left_padding_batch_equals_dense(model):
     x[0, :7], mask[0, :7] = 2, 0  # row 0 left-padded
     dense = model.generate(x, attention_mask=mask, max_new_tokens=16, do_sample=False)
     compress(model, block(HD))
-    out = model.generate(x, attention_mask=mask, max_new_tokens=16, do_sample=False, past_key_values=build_cache(model))
+    out = model.generate(
+        x,
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=False,
+        past_key_values=build_cache(model),
+    )
     assert torch.equal(out, dense)
     # and each row alone gives its own continuation: padding really is masked
-    solo = model.generate(x[1:], max_new_tokens=16, do_sample=False, past_key_values=build_cache(model))
+    solo = model.generate(
+        x[1:], max_new_tokens=16, do_sample=False, past_key_values=build_cache(model)
+    )
     assert torch.equal(solo[0], out[1])
 
 
@@ -73,7 +82,9 @@ def test_beam_search_equals_dense(model):
     x = ids(1, 36, seed=3)
     dense = model.generate(x, max_new_tokens=12, num_beams=3, do_sample=False)
     compress(model, block(HD))
-    out = model.generate(x, max_new_tokens=12, num_beams=3, do_sample=False, past_key_values=build_cache(model))
+    out = model.generate(
+        x, max_new_tokens=12, num_beams=3, do_sample=False, past_key_values=build_cache(model)
+    )
     assert torch.equal(out, dense)
 
 
@@ -86,7 +97,9 @@ def test_chunked_prefill_and_teacher_forcing_match_dense(model):
     with torch.no_grad():
         a = model(x[:, :30], past_key_values=cache).logits
         b = model(x[:, 30:50], past_key_values=cache).logits  # multi-token step over codes
-        c = torch.cat([model(x[:, t : t + 1], past_key_values=cache).logits for t in range(50, 60)], 1)
+        c = torch.cat(
+            [model(x[:, t : t + 1], past_key_values=cache).logits for t in range(50, 60)], 1
+        )
     torch.testing.assert_close(torch.cat([a, b, c], 1), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -101,7 +114,9 @@ def test_compression_degrades_gracefully_as_s_falls(model):
         cache = build_cache(model)
         with torch.no_grad():
             model(x[:, :40], past_key_values=cache)
-            lp = torch.cat([model(x[:, t : t + 1], past_key_values=cache).logits for t in range(40, 80)], 1)
+            lp = torch.cat(
+                [model(x[:, t : t + 1], past_key_values=cache).logits for t in range(40, 80)], 1
+            )
         errs.append(float((lp[0].log_softmax(-1) - ref).abs().mean()))
     assert errs[0] < errs[1] < errs[2] < errs[3], errs
     assert errs[0] < 0.05 * errs[3] + 1e-3 or errs[0] < 1e-2, errs
@@ -126,7 +141,11 @@ def test_crop_and_reorder(model):
 
 def test_memory_is_what_the_format_promises(model):
     s = 5
-    compress(model, block(s, n_atoms=64, coef="float8_e4m3fn", buffer=8, flush=4), {i: (random_dict(64, i), random_dict(64, i)) for i in range(2)})
+    compress(
+        model,
+        block(s, n_atoms=64, coef="float8_e4m3fn", buffer=8, flush=4),
+        {i: (random_dict(64, i), random_dict(64, i)) for i in range(2)},
+    )
     cache = build_cache(model)
     t = 600
     with torch.no_grad():
@@ -150,6 +169,12 @@ def test_memory_is_what_the_format_promises(model):
 def test_sdpa_or_explicit_dense_cache_turns_compression_off(model):
     x = ids(1, 40)
     dense = model.generate(x, max_new_tokens=10, do_sample=False)
-    compress(model, block(1, n_atoms=64, coef="float8_e4m3fn"), {i: (random_dict(64, i), random_dict(64, i)) for i in range(2)})
-    out = model.generate(x, max_new_tokens=10, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    compress(
+        model,
+        block(1, n_atoms=64, coef="float8_e4m3fn"),
+        {i: (random_dict(64, i), random_dict(64, i)) for i in range(2)},
+    )
+    out = model.generate(
+        x, max_new_tokens=10, do_sample=False, past_key_values=DynamicCache(config=model.config)
+    )
     assert torch.equal(out, dense)

@@ -1,4 +1,4 @@
-"""Route attention through compressed cache layers; install KV-Dict state on a model.
+"""Route attention through compressed cache layers; install a method's state on a model.
 
 The transformers attention function does not receive the cache, so a forward pre-hook on
 every attention module keeps a reference to the ``past_key_values`` of the current call;
@@ -10,10 +10,11 @@ This file is copied flat into exported checkpoints.
 
 from __future__ import annotations
 
-import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .kvs_methods import check_buffers, method_runtime
 
 ATTN_NAME = "kvsurgery"
 FORMAT_VERSION = 1
@@ -74,10 +75,7 @@ def validate_block(block: dict, num_layers: int) -> None:
             f"config.kvsurgery.format_version is {version!r} but this runtime reads version "
             f"{FORMAT_VERSION}; re-export the checkpoint with a matching kvsurgery."
         )
-    if block.get("method") != "kvdict":
-        raise ValueError(
-            f"config.kvsurgery.method {block.get('method')!r} is not supported by this runtime."
-        )
+    runtime = method_runtime(block.get("method"))
     layers = block.get("layers")
     if not isinstance(layers, list) or len(layers) != num_layers:
         raise ValueError(
@@ -85,77 +83,47 @@ def validate_block(block: dict, num_layers: int) -> None:
             f"found {len(layers) if isinstance(layers, list) else type(layers).__name__}."
         )
     for i, spec in enumerate(layers):
-        if spec is None or spec.get("dense"):
-            continue
-        for key in ("s_k", "s_v", "n_atoms_k", "n_atoms_v"):
-            if not isinstance(spec.get(key), int) or spec[key] < 1:
-                raise ValueError(
-                    f"config.kvsurgery.layers[{i}].{key} must be a positive int, got {spec.get(key)!r}."
-                )
-        if spec["s_k"] > spec["n_atoms_k"] or spec["s_v"] > spec["n_atoms_v"]:
-            raise ValueError(f"config.kvsurgery.layers[{i}]: sparsity exceeds the number of atoms.")
-    for key in ("sinks", "buffer", "flush"):
-        if not isinstance(block.get(key), int) or block[key] < (1 if key != "sinks" else 0):
-            raise ValueError(
-                f"config.kvsurgery.{key} must be a non-negative int, got {block.get(key)!r}."
-            )
+        if not isinstance(spec, dict):
+            raise ValueError(f"config.kvsurgery.layers[{i}] must be a mapping, got {spec!r}.")
+    runtime.validate(block, num_layers)
 
 
-def install_kvdict(model, block: dict, dictionaries: dict | None = None) -> None:
-    """Give ``model`` KV-Dict state: fp32 dictionary buffers, hooks, attention routing.
+def install(model, block: dict, tensors: dict | None = None) -> None:
+    """Give ``model`` the state of a compressed method: buffers, hooks, attention routing.
 
-    ``block``: the ``kvsurgery`` config block (method, per-layer s_k/s_v/atoms, sinks, buffer).
-    ``dictionaries``: ``{layer: (D_k (d, N_k), D_v (d, N_v))}`` to copy in (in-process use);
-    without it the buffers are created empty (NaN) for ``from_pretrained`` to fill.
+    ``block``: the ``kvsurgery`` config block (method, per-layer specs, global settings).
+    ``tensors``: ``{layer: {buffer name: tensor}}`` to copy in (in-process use); without
+    it the method's buffers are created as NaN placeholders for ``from_pretrained`` to fill.
+    A model may be re-installed with another method (evaluation does so).
     """
     register()
     modules = attention_modules(model)
     validate_block(block, len(modules))
+    runtime = method_runtime(block["method"])
     for i, mod in enumerate(modules):
         spec = block["layers"][i]
-        if spec is None or spec.get("dense"):
-            continue
-        d = mod.head_dim
-        dev = next(mod.parameters()).device
-        if dictionaries is not None:
-            dk, dv = (t.detach().to(dev, torch.float32).clone() for t in dictionaries[i])
-        else:
-            dk = torch.full((d, spec["n_atoms_k"]), float("nan"), device=dev)
-            dv = torch.full((d, spec["n_atoms_v"]), float("nan"), device=dev)
-        mod.register_buffer("kvsurgery_dk", dk, persistent=True)
-        mod.register_buffer("kvsurgery_dv", dv, persistent=True)
+        if not spec.get("dense"):
+            runtime.install_layer(mod, spec, block, None if tensors is None else tensors.get(i, {}))
         if not getattr(mod, "_kvs_hooked", False):
             mod.register_forward_pre_hook(_stash_cache, with_kwargs=True)
             mod._kvs_hooked = True
     model._kvsurgery_state = {**block, "modules": modules}
-    refresh_grams(model)
+    if tensors is not None:
+        prepare(model)
 
 
-def refresh_grams(model) -> None:
-    """Cache ``DᵀD`` per layer (OMP needs it) after the dictionaries are (re)loaded."""
-    for mod in model._kvsurgery_state["modules"]:
-        if hasattr(mod, "kvsurgery_dk"):
-            mod._kvs_gram_k = (mod.kvsurgery_dk.T @ mod.kvsurgery_dk).float()
-            mod._kvs_gram_v = (mod.kvsurgery_dv.T @ mod.kvsurgery_dv).float()
+def install_kvdict(model, block: dict, dictionaries: dict) -> None:
+    """:func:`install` for KV-Dict with ``{layer: (D_k (d, N_k), D_v (d, N_v))}``."""
+    tensors = {i: {"kvsurgery_dk": dk, "kvsurgery_dv": dv} for i, (dk, dv) in dictionaries.items()}
+    install(model, block, tensors)
 
 
-def check_dictionaries(model) -> None:
-    """Fail loudly if a dictionary is missing (NaN), not fp32, or not unit-norm."""
-    for i, mod in enumerate(model._kvsurgery_state["modules"]):
-        for name in ("kvsurgery_dk", "kvsurgery_dv"):
-            if not hasattr(mod, name):
-                continue
-            t = getattr(mod, name)
-            if t.dtype != torch.float32:
-                raise ValueError(f"layer {i} {name} is {t.dtype}, expected float32.")
-            if not torch.isfinite(t).all():
-                raise ValueError(
-                    f"layer {i} {name} was not loaded (missing from the checkpoint's weights); "
-                    "the checkpoint is incomplete: re-export it with `kvsurgery export`."
-                )
-            norms = t.norm(dim=0)
-            if (norms - 1).abs().max() > 1e-3:
-                raise ValueError(
-                    f"layer {i} {name} atoms are not unit-norm (max deviation "
-                    f"{float((norms - 1).abs().max()):.3g}); the checkpoint's weights are damaged."
-                )
+def prepare(model) -> None:
+    """After the buffers are (re)loaded: check them, then build each layer's derived state."""
+    check_buffers(model)
+    state = model._kvsurgery_state
+    runtime = method_runtime(state["method"])
+    for i, mod in enumerate(state["modules"]):
+        spec = state["layers"][i]
+        if not spec.get("dense"):
+            runtime.prepare_layer(i, mod, spec, state)

@@ -11,7 +11,6 @@ so column ``j`` of the attention mask is token ``j`` of the layer for every batc
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..kernels.kvdict_attention import kvdict_attention
 from ..kernels.omp import omp
@@ -205,51 +204,70 @@ class KVDictLayer(CompressedLayer):
         self.n_comp = self.seen = 0
 
 
-class KVSurgeryCache(Cache):
-    """A cache whose layers are given (compressed or dense); built by :func:`build_cache`."""
-
-    def __init__(self, layers):
-        super().__init__(layers=layers)
-
-    def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if hasattr(layer, "nbytes"):  # compressed layers measure their own storage
-                total += layer.nbytes()
-            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += (
-                    layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
-                )
-        return total
+# -- method interface (see kvs_methods.py) -------------------------------------------------
+BUFFERS = ("kvsurgery_dk", "kvsurgery_dv")
 
 
-def build_cache(model) -> KVSurgeryCache:
-    """A fresh compressed cache for a model prepared by ``install_kvdict``."""
-    state = model._kvsurgery_state
-    cfg = model.config.get_text_config(decoder=True)
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    layers = []
-    for i, lt in enumerate(layer_types):
-        spec = state["layers"][i]
-        if lt == "sliding_attention" and getattr(cfg, "sliding_window", None):
-            layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
-        elif spec is None or spec.get("dense"):
-            layers.append(DynamicLayer())
+def _positive_int(value, where: str, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"config.kvsurgery.{where} must be an int >= {minimum}, got {value!r}.")
+
+
+def validate(block: dict, num_layers: int) -> None:
+    """Check the KV-Dict settings of a ``kvsurgery`` config block."""
+    for i, spec in enumerate(block["layers"]):
+        if spec.get("dense"):
+            continue
+        for key in ("s_k", "s_v", "n_atoms_k", "n_atoms_v"):
+            _positive_int(spec.get(key), f"layers[{i}].{key}")
+        if spec["s_k"] > spec["n_atoms_k"] or spec["s_v"] > spec["n_atoms_v"]:
+            raise ValueError(f"config.kvsurgery.layers[{i}]: sparsity exceeds the number of atoms.")
+    _positive_int(block.get("sinks"), "sinks", 0)
+    _positive_int(block.get("buffer"), "buffer")
+    _positive_int(block.get("flush"), "flush")
+    if block.get("coef_dtype", "float8_e4m3fn") not in _COEF_DTYPES:
+        raise ValueError(
+            f"config.kvsurgery.coef_dtype must be one of {sorted(_COEF_DTYPES)}, "
+            f"got {block.get('coef_dtype')!r}."
+        )
+
+
+def install_layer(mod, spec: dict, block: dict, tensors: dict | None) -> None:
+    """Give one attention module its fp32 dictionaries (NaN placeholders without ``tensors``:
+    ``from_pretrained`` fills them)."""
+    d, dev = mod.head_dim, next(mod.parameters()).device
+    for name, n in (("kvsurgery_dk", spec["n_atoms_k"]), ("kvsurgery_dv", spec["n_atoms_v"])):
+        if tensors is not None:
+            t = tensors[name].detach().to(dev, torch.float32).clone()
         else:
-            mod = state["modules"][i]
-            layers.append(
-                KVDictLayer(
-                    mod.kvsurgery_dk,
-                    mod.kvsurgery_dv,
-                    mod._kvs_gram_k,
-                    mod._kvs_gram_v,
-                    spec["s_k"],
-                    spec["s_v"],
-                    sinks=state["sinks"],
-                    buffer=state["buffer"],
-                    flush=state["flush"],
-                    omp_tol=state.get("omp_tol"),
-                    coef_dtype=state.get("coef_dtype", "float8_e4m3fn"),
-                )
+            t = torch.full((d, n), float("nan"), device=dev)
+        mod.register_buffer(name, t, persistent=True)
+
+
+def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
+    """After the dictionaries are (re)loaded: check them, cache ``DᵀD`` (OMP needs it)."""
+    for name in BUFFERS:
+        norms = getattr(mod, name).norm(dim=0)
+        if (norms - 1).abs().max() > 1e-3:
+            raise ValueError(
+                f"layer {i} {name} atoms are not unit-norm (max deviation "
+                f"{float((norms - 1).abs().max()):.3g}); the checkpoint's weights are damaged."
             )
-    return KVSurgeryCache(layers)
+    mod._kvs_gram_k = (mod.kvsurgery_dk.T @ mod.kvsurgery_dk).float()
+    mod._kvs_gram_v = (mod.kvsurgery_dv.T @ mod.kvsurgery_dv).float()
+
+
+def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
+    return KVDictLayer(
+        mod.kvsurgery_dk,
+        mod.kvsurgery_dv,
+        mod._kvs_gram_k,
+        mod._kvs_gram_v,
+        spec["s_k"],
+        spec["s_v"],
+        sinks=block["sinks"],
+        buffer=block["buffer"],
+        flush=block["flush"],
+        omp_tol=block.get("omp_tol"),
+        coef_dtype=block.get("coef_dtype", "float8_e4m3fn"),
+    )

@@ -342,3 +342,40 @@ class ClusterKVLayer(CompressedLayer):
         self.seen = 0
         self.segments = []
         self.keys = self.values = None
+
+
+# -- method interface (see kvs_methods.py) -------------------------------------------------
+BUFFERS: tuple[str, ...] = ()  # ClusterKV learns settings, not tensors
+# Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
+LAYER_KEYS = ("budget", "tokens_per_cluster")
+GLOBAL_KEYS = ("sinks", "window", "append_every", "append_clusters", "kmeans_iters", "seed")
+
+
+def _setting(spec: dict, block: dict, key: str):
+    return spec[key] if key in spec else block.get(key)
+
+
+def validate(block: dict, num_layers: int) -> None:
+    """Check the ClusterKV settings of a ``kvsurgery`` config block."""
+    minimum = {"sinks": 0, "window": 0, "seed": 0, "budget": 0}
+    for i, spec in enumerate(block["layers"]):
+        if spec.get("dense"):
+            continue
+        for key in LAYER_KEYS + GLOBAL_KEYS:
+            v = _setting(spec, block, key)
+            lo = minimum.get(key, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                where = f"layers[{i}].{key}" if key in spec else key
+                raise ValueError(f"config.kvsurgery.{where} must be an int >= {lo}, got {v!r}.")
+
+
+def install_layer(mod, spec: dict, block: dict, tensors: dict | None) -> None:
+    """Nothing to store on the module: the layer is built from the settings alone."""
+
+
+def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
+    """No derived state."""
+
+
+def make_layer(mod, spec: dict, block: dict) -> ClusterKVLayer:
+    return ClusterKVLayer(**{k: _setting(spec, block, k) for k in LAYER_KEYS + GLOBAL_KEYS})

@@ -17,10 +17,11 @@ import transformers
 from ..kernels.clusterkv import sparse_attention  # noqa: F401
 from ..kernels.kvdict_attention import kvdict_attention  # noqa: F401
 from ..kernels.omp import omp  # noqa: F401
-from .kvs_attention import ATTN_NAME, check_dictionaries, install_kvdict, refresh_grams
-from .kvs_cache import build_cache
+from .kvs_attention import ATTN_NAME, install, prepare
+from .kvs_cache import KVDictLayer  # noqa: F401
 from .kvs_clusterkv import ClusterKVLayer  # noqa: F401
 from .kvs_layer import CompressedLayer  # noqa: F401
+from .kvs_methods import all_buffers, build_cache
 
 # Written by `kvsurgery export`: the transformers class this checkpoint was exported from.
 BASE_CLASS = "LlamaForCausalLM"
@@ -28,8 +29,9 @@ _Base = getattr(transformers, BASE_CLASS)
 
 
 class KVSurgeryForCausalLM(_Base):
-    # Dictionaries keep full precision whatever dtype the model is loaded in.
-    _keep_in_fp32_modules_strict = ["kvsurgery_dk", "kvsurgery_dv"]
+    # Learned tensors (dictionaries, ...) keep full precision whatever dtype the model is
+    # loaded in.
+    _keep_in_fp32_modules_strict = all_buffers()
 
     def __init__(self, config, *args, **kwargs):
         # None here means the user asked for no attention implementation: compress. An
@@ -42,7 +44,7 @@ class KVSurgeryForCausalLM(_Base):
                 "config.json has no `kvsurgery` block: this is not a kvsurgery checkpoint; "
                 "load it with its base class instead."
             )
-        install_kvdict(self, block)
+        install(self, block)
         if requested is None:
             config._attn_implementation_internal = ATTN_NAME
 
@@ -73,8 +75,7 @@ class KVSurgeryForCausalLM(_Base):
                 + (f", with {len(missing) - 1} more" if len(missing) > 1 else "")
                 + "); the checkpoint is incomplete: re-export it with `kvsurgery export`."
             )
-        refresh_grams(model)
-        check_dictionaries(model)
+        prepare(model)
         return (model, info) if want_info else model
 
     def kvsurgery_cache(self):
