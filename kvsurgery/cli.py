@@ -14,8 +14,26 @@ from .recipes import METHODS
 _MODEL_HELP = "Hub id, local folder, .gguf file or alias (default: smollm2-135m, works offline)."
 
 
+# Commands defined in their own modules, imported only when invoked (they import torch).
+_LAZY = {
+    "eval": ("kvsurgery.evaluate", "eval_command"),
+}
+
+
 class _Group(click.Group):
-    """Print KVSurgeryError messages plainly (they name the problem and the fix)."""
+    """Print KVSurgeryError messages plainly (they name the problem and the fix); load the
+    commands of ``_LAZY`` on first use."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *_LAZY])
+
+    def get_command(self, ctx, name):
+        if name in _LAZY and name not in self.commands:
+            import importlib
+
+            module, attr = _LAZY[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:

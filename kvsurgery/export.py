@@ -94,12 +94,7 @@ def apply_to_model(model, calib_dir, method: str = "kvdict") -> dict:
 
     manifest = read_manifest(calib_dir)
     block = build_block(manifest, method)
-    cap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
-    if cap:
-        raise KVSurgeryError(
-            f"{type(model).__name__} uses attention logit softcapping ({cap}), which the "
-            "compressed decode kernels do not implement yet; its compressed outputs would be wrong."
-        )
+    _refuse_softcapping(model)
     dims = model_dims(model.config)
     if dims != manifest["dims"]:
         raise KVSurgeryError(
@@ -109,6 +104,41 @@ def apply_to_model(model, calib_dir, method: str = "kvdict") -> dict:
     entry = manifest["methods"][method]
     install(model, block, method_module(method).load_tensors(calib_dir, entry))
     return block
+
+
+def apply_default(model, method: str, recipe=None) -> dict:
+    """Install a training-free method from its recipe defaults (no calibration); returns the
+    config block. Methods that need learned tensors (KV-Dict) refuse."""
+    from .recipes import default_recipe
+    from .runtime.kvs_attention import install
+
+    mod = method_module(method)
+    if not hasattr(mod, "default_entry"):
+        raise KVSurgeryError(
+            f"{method} needs a calibration (it learns tensors); run `kvsurgery calibrate "
+            f"--recipe recipes/{method}.yaml` and pass the folder."
+        )
+    recipe = recipe or default_recipe(method)
+    entry = mod.default_entry(model_dims(model.config), recipe)
+    block = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        **mod.runtime_block(entry),
+        "recipe": recipe.to_dict(),
+        "calibration": None,
+    }
+    _refuse_softcapping(model)
+    install(model, block, {})
+    return block
+
+
+def _refuse_softcapping(model) -> None:
+    cap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
+    if cap:
+        raise KVSurgeryError(
+            f"{type(model).__name__} uses attention logit softcapping ({cap}), which the "
+            "compressed decode kernels do not implement yet; its compressed outputs would be wrong."
+        )
 
 
 def export(
