@@ -1,14 +1,15 @@
-"""ClusterKV cache layer: full K/V kept, decode attention reads only a budget of clusters.
+"""ClusterKV cache layer: full K/V kept, decode attention reads only a budget of tokens.
 
 Paper: "ClusterKV: Manipulating LLM KV Cache in Semantic Space for Recallable
 Compression". This file is copied flat into exported checkpoints: it imports only torch,
 transformers and its sibling modules.
 
 Token order inside a layer is the order of positions, so column ``j`` of the attention
-mask is token ``j`` of the layer for every batch row. Regions of one batch row::
+mask is token ``j`` of the layer for every batch row. Regions of one batch row, seen from
+a query at position ``p``::
 
-    [ sinks | clustered segments ... | pending | recent window | current ]
-      exact    selected by budget      exact     exact           exact
+    [ sinks | clustered segments ... | pending | recent window | p ]
+      exact    selected by budget      exact     exact          exact
 
 * After the dense prefill, at the first decode step, the keys between the sinks and the
   recent window are clustered per kv head (spherical k-means, about ``tokens_per_cluster``
@@ -17,13 +18,23 @@ mask is token ``j`` of the layer for every batch row. Regions of one batch row::
   them have accumulated they are clustered into ``append_clusters`` new clusters appended
   to the existing ones (old clusters are never re-clustered).
 * A decode step scores every centroid against the query, takes whole clusters in
-  descending score order until ``budget`` tokens are filled (the last one truncated) and
-  attends exactly over those plus sinks, pending, window and the current token.
+  descending score order (the last one truncated) and attends exactly over those plus
+  sinks, pending, window and the current token. ``budget`` counts every token read
+  outside the sinks and the window: pending tokens first, selected cluster members fill
+  the rest. A step therefore reads at most ``sinks + window + budget + 1`` tokens, the
+  figure a sink+window cache of the same budget is compared with.
 
-The full K/V stays in memory (the saving would need CPU offload of the clustered part,
-out of scope here): the point is bandwidth, decode attention reads ``budget`` clustered
-tokens instead of all of them. Steps with several queries (chunked prefill, teacher
-forcing) attend densely over everything.
+Steps of several queries after a past (teacher forcing, a question after a document,
+speculative verification; up to ``SPARSE_CHUNK`` queries) give each query its own
+selection, as if the tokens came one at a time; longer ones (chunked prefill) and the first
+prefill attend densely.
+
+Without offload the full K/V stays in device memory: the saving is bandwidth, a decode step
+reads ``budget`` clustered tokens instead of all of them. With ``offload=True`` the full
+K/V lives in (pinned) host memory and the device keeps only the centroids, the cluster
+metadata and the working set of the last step (sinks, pending, window, selected tokens,
+new tokens); each step copies in only the tokens of its working set that were not in the
+previous one (``h2d_bytes`` counts them).
 """
 
 from __future__ import annotations
@@ -36,6 +47,9 @@ from .kvs_layer import CompressedLayer
 # K/V storage grows by blocks of this many tokens: one reallocation per block keeps
 # appends amortised O(1).
 KV_BLOCK = 256
+# Multi-query steps after a past up to this length read sparsely (one selection per query);
+# longer ones are chunked prefill and attend densely.
+SPARSE_CHUNK = 512
 
 
 class ClusterKVLayer(CompressedLayer):
@@ -43,19 +57,22 @@ class ClusterKVLayer(CompressedLayer):
 
     State (allocated on first ``update``; every tensor has the batch dimension first):
       ``_k``/``_v`` ``(B, H_kv, capacity, d)`` all tokens, model dtype (``keys``/``values``
-      are views of the first ``seen`` positions);
+      are views of the first ``seen`` positions; on the host when offloading);
       ``centroids`` ``(B, H_kv, C, d)`` fp32; ``sizes`` ``(B, H_kv, C)`` int32 members per
       cluster; ``offsets`` ``(B, H_kv, C)`` int32 start of each cluster in
       ``sorted_ids`` ``(B, H_kv, N)`` int32 token positions ordered by cluster (cluster c
-      occupies ``sorted_ids[..., offsets[c] : offsets[c] + sizes[c]]``).
+      occupies ``sorted_ids[..., offsets[c] : offsets[c] + sizes[c]]``);
+      offload only: ``_res_k``/``_res_v`` ``(B, H_kv, R, d)`` the device-resident working
+      set, ``_res_pos`` ``(B, H_kv, R)`` int64 its positions, ascending (-1 = empty slot).
     C and N are shared by the batch rows: a row with fewer valid (unpadded) tokens in a
     segment gets zero-size clusters and unused slots at the end of the segment.
 
-    Settings: ``budget`` clustered tokens read per step and kv head; ``sinks`` first
-    tokens and ``window`` last tokens always exact; ``tokens_per_cluster`` sets the
-    prefill cluster count (``ceil(n / tokens_per_cluster)``); ``append_every`` /
-    ``append_clusters`` the incremental clustering; ``kmeans_iters`` and ``seed`` the
-    k-means.
+    Settings: ``budget`` tokens read per step and kv head besides sinks and window (pending
+    first, then selected cluster members); ``sinks`` first tokens and ``window`` last
+    tokens always exact; ``tokens_per_cluster`` sets the prefill cluster count
+    (``ceil(n / tokens_per_cluster)``); ``append_every`` / ``append_clusters`` the
+    incremental clustering; ``kmeans_iters`` and ``seed`` the k-means; ``offload`` keeps the
+    full K/V on the host.
     """
 
     def __init__(
@@ -69,12 +86,14 @@ class ClusterKVLayer(CompressedLayer):
         append_clusters=8,
         kmeans_iters=20,
         seed=0,
+        offload=False,
     ):
         super().__init__()
         self.budget, self.sinks, self.window = int(budget), int(sinks), int(window)
         self.tokens_per_cluster = int(tokens_per_cluster)
         self.append_every, self.append_clusters = int(append_every), int(append_clusters)
         self.kmeans_iters, self.seed = int(kmeans_iters), int(seed)
+        self.offload_kv = bool(offload)
         for name in ("budget", "sinks", "window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ClusterKVLayer {name} must be >= 0, got {getattr(self, name)}")
@@ -83,6 +102,7 @@ class ClusterKVLayer(CompressedLayer):
                 raise ValueError(f"ClusterKVLayer {name} must be >= 1, got {getattr(self, name)}")
         self.seen = 0
         self.last_had_past = False
+        self.h2d_bytes = 0  # offload: bytes copied host -> device (clustering + recalls)
         # one entry per clustered segment: (tok_start, tok_end, c_start, c_end, s_start, s_end)
         self.segments: list[tuple[int, int, int, int, int, int]] = []
 
@@ -91,12 +111,16 @@ class ClusterKVLayer(CompressedLayer):
         b, h, _, d = key_states.shape
         dv = value_states.shape[-1]
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._k = key_states.new_zeros(b, h, 0, d)
-        self._v = value_states.new_zeros(b, h, 0, dv)
+        host = torch.device("cpu") if self.offload_kv else self.device
+        self._k = torch.zeros(b, h, 0, d, dtype=self.dtype, device=host)
+        self._v = torch.zeros(b, h, 0, dv, dtype=value_states.dtype, device=host)
         self.centroids = torch.zeros(b, h, 0, d, dtype=torch.float32, device=self.device)
         self.sizes = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
         self.offsets = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
         self.sorted_ids = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
+        self._res_k = key_states.new_zeros(b, h, 0, d)
+        self._res_v = value_states.new_zeros(b, h, 0, dv)
+        self._res_pos = torch.zeros(b, h, 0, dtype=torch.int64, device=self.device)
         self.segments = []
         self._views()
         self.is_initialized = True
@@ -110,9 +134,12 @@ class ClusterKVLayer(CompressedLayer):
         if need <= cap:
             return
         new_cap = -(-need // KV_BLOCK) * KV_BLOCK
+        pin = self.offload_kv and self.device.type == "cuda"  # async copies need pinned pages
 
         def grow(t):
-            out = t.new_zeros(*t.shape[:2], new_cap, t.shape[3])
+            out = torch.zeros(
+                *t.shape[:2], new_cap, t.shape[3], dtype=t.dtype, device=t.device, pin_memory=pin
+            )
             out[:, :, : self.seen] = t[:, :, : self.seen]
             return out
 
@@ -124,10 +151,17 @@ class ClusterKVLayer(CompressedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.last_had_past = self.seen > 0
-        t = key_states.shape[2]
+        b, h, t, _ = key_states.shape
         self._reserve(self.seen + t)
-        self._k[:, :, self.seen : self.seen + t] = key_states
-        self._v[:, :, self.seen : self.seen + t] = value_states
+        self._k[:, :, self.seen : self.seen + t] = key_states.to(self._k.device)
+        self._v[:, :, self.seen : self.seen + t] = value_states.to(self._v.device)
+        if self.offload_kv:
+            # new tokens arrive on the device: they join the working set without a copy.
+            # Their positions exceed every resident one, so _res_pos stays ascending.
+            pos = torch.arange(self.seen, self.seen + t, device=self.device).expand(b, h, t)
+            self._res_k = torch.cat([self._res_k, key_states], dim=2)
+            self._res_v = torch.cat([self._res_v, value_states], dim=2)
+            self._res_pos = torch.cat([self._res_pos, pos], dim=2)
         self.seen += t
         self._views()
         return key_states, value_states
@@ -154,6 +188,9 @@ class ClusterKVLayer(CompressedLayer):
         c0, s0 = self.n_clusters, self.sorted_ids.shape[2]
         seed = self.seed + len(self.segments)
         keys = self._k[:, :, t0:t1]
+        if keys.device != dev:  # offload: k-means runs where the compute is
+            keys = keys.to(dev)
+            self.h2d_bytes += keys.numel() * keys.element_size()
         vseg = valid[:, t0:t1]
         rows = []  # (row indices, valid token positions relative to t0, C, cent, labels)
         if bool(vseg.all()):
@@ -190,9 +227,11 @@ class ClusterKVLayer(CompressedLayer):
         self.sorted_ids = torch.cat([self.sorted_ids, ids], dim=2)
         self.segments.append((t0, t1, c0, c0 + c_new, s0, s0 + M))
 
-    def _maybe_cluster(self, valid: torch.Tensor) -> None:
-        """Cluster what has left the recent window (called at decode steps, before scoring)."""
-        limit = self.seen - 1 - self.window  # positions < limit have left the window
+    def _maybe_cluster(self, valid: torch.Tensor, pos: int | None = None) -> None:
+        """Cluster what has left the recent window of the query at ``pos`` (default: the
+        newest token); called at decode steps, before scoring."""
+        pos = self.seen - 1 if pos is None else pos
+        limit = pos - self.window  # positions < limit have left the window
         if not self.segments:
             t0 = min(self.sinks, self.seen)
             if limit > t0:
@@ -216,13 +255,19 @@ class ClusterKVLayer(CompressedLayer):
             attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
         return attention_mask[:, 0, :, -self.seen :].expand(b, q_len, self.seen)
 
-    def select_tokens(self, query, valid):
-        """Token positions one decode query attends to, per kv head.
+    def select_budget(self, pos: int | None = None) -> int:
+        """Cluster members a query at ``pos`` may select: ``budget`` less its pending tokens."""
+        pos = self.seen - 1 if pos is None else pos
+        pending = max(0, pos - self.window - self.clustered_end)
+        return max(0, min(self.budget - pending, self.sorted_ids.shape[2]))
 
-        ``query`` ``(B, H, 1, d)``; ``valid`` ``(B, seen)`` bool. Returns ``(index (B, H_kv,
-        L) int64, n_valid (B, H_kv) int64)``: the first ``n_valid`` entries are the valid
-        exact tokens (sinks, pending, window, current) followed by the valid selected
-        cluster members; the rest is padding.
+    def select_tokens(self, query, valid, pos: int | None = None):
+        """Token positions one query (at position ``pos``, default the newest) attends to.
+
+        ``query`` ``(B, H, 1, d)``; ``valid`` ``(B, seen)`` bool (the query's mask row).
+        Returns ``(index (B, H_kv, L) int64, n_valid (B, H_kv) int64)``: the first
+        ``n_valid`` entries are the valid exact tokens (sinks, pending, window, current)
+        followed by the valid selected cluster members; the rest is padding.
         """
         B, H_kv, _, d = self._k.shape
         H = query.shape[1]
@@ -234,8 +279,7 @@ class ClusterKVLayer(CompressedLayer):
         E = exact.numel()
         ids = exact.expand(B, H_kv, E)
         ok = valid[:, exact][:, None].expand(B, H_kv, E)
-        n_sorted = self.sorted_ids.shape[2]
-        budget = min(self.budget, n_sorted)  # more than every clustered token is pointless
+        budget = self.select_budget(pos)
         if self.n_clusters and budget:
             # GQA: score a cluster by the MAX over the group's query heads. Under softmax
             # a head's attention mass on a cluster is dominated by its largest logit, so
@@ -244,13 +288,13 @@ class ClusterKVLayer(CompressedLayer):
             # logits cancel it. q.c = mean member logit, since c is the members' mean.
             qg = query[:, :, 0].float().reshape(B, H_kv, g, d)
             sc = torch.matmul(self.centroids, qg.transpose(-1, -2)).amax(-1)  # (B, H_kv, C)
-            pos, n_sel = select_clusters(
+            sel, n_sel = select_clusters(
                 sc.reshape(B * H_kv, -1),
                 self.sizes.reshape(B * H_kv, -1),
                 budget,
                 self.offsets.reshape(B * H_kv, -1),
             )
-            tok = self.sorted_ids.reshape(B * H_kv, -1).gather(1, pos).long()
+            tok = self.sorted_ids.reshape(B * H_kv, -1).gather(1, sel).long()
             tok = tok.view(B, H_kv, budget)
             live = torch.arange(budget, device=dev) < n_sel.view(B, H_kv, 1)
             # the current mask still applies (normally these tokens were valid when clustered)
@@ -269,8 +313,8 @@ class ClusterKVLayer(CompressedLayer):
         B, H, q_len, d = query.shape
         H_kv = self._k.shape[1]
         g = H // H_kv
-        k = self.keys.float()
-        v = self.values.float()
+        k = self.keys.to(query.device, torch.float32)
+        v = self.values.to(query.device, torch.float32)
         qg = query.float().reshape(B, H_kv, g * q_len, d)
         s = torch.matmul(qg, k.transpose(-1, -2)).view(B, H_kv, g, q_len, -1) * scaling
         s = s.masked_fill(~allowed[:, None, None], float("-inf"))
@@ -282,26 +326,100 @@ class ClusterKVLayer(CompressedLayer):
         out = torch.matmul(p.view(B, H_kv, g * q_len, -1), v).view(B, H, q_len, -1)
         return out.to(query.dtype).transpose(1, 2).contiguous()
 
+    def _recall(self, index, n_valid):
+        """Offload: the working set ``index`` ``(B, H_kv, L)`` as device tensors ``(B, H_kv,
+        L, d)``, copying in only the tokens not resident after the previous step; it then
+        becomes the resident set."""
+        L = index.shape[2]
+        live = torch.arange(L, device=index.device) < n_valid[..., None]
+        need = torch.where(live, index, torch.full_like(index, -2))  # -2 matches no slot
+        R = self._res_pos.shape[2]
+        d, dv = self._res_k.shape[3], self._res_v.shape[3]
+        if R:
+            j = torch.searchsorted(self._res_pos, need).clamp(max=R - 1)
+            hit = live & (self._res_pos.gather(2, j) == need)
+            kc = self._res_k.gather(2, j[..., None].expand(*j.shape, d))
+            vc = self._res_v.gather(2, j[..., None].expand(*j.shape, dv))
+        else:
+            hit = torch.zeros_like(live)
+            kc = self._res_k.new_zeros(*index.shape, d)
+            vc = self._res_v.new_zeros(*index.shape, dv)
+        miss = live & ~hit
+        if bool(miss.any()):
+            b, h, jj = miss.nonzero(as_tuple=True)
+            p = need[b, h, jj]
+            hb, hh, hp = b.cpu(), h.cpu(), p.cpu()
+            k_in = self._k[hb, hh, hp].to(kc.device, non_blocking=True)
+            v_in = self._v[hb, hh, hp].to(vc.device, non_blocking=True)
+            kc[b, h, jj] = k_in
+            vc[b, h, jj] = v_in
+            self.h2d_bytes += k_in.numel() * k_in.element_size()
+            self.h2d_bytes += v_in.numel() * v_in.element_size()
+        kc = torch.where(live[..., None], kc, torch.zeros_like(kc))
+        vc = torch.where(live[..., None], vc, torch.zeros_like(vc))
+        pos = torch.where(live, index, torch.full_like(index, -1))
+        order = torch.argsort(pos, dim=2)
+        self._res_pos = pos.gather(2, order)
+        self._res_k = kc.gather(2, order[..., None].expand(*order.shape, d))
+        self._res_v = vc.gather(2, order[..., None].expand(*order.shape, dv))
+        return kc, vc
+
+    def _attend_one(self, query, valid, pos, scaling):
+        """``query`` ``(B, H, 1, d)`` at position ``pos`` with mask row ``valid`` ``(B, seen)``."""
+        index, n_valid = self.select_tokens(query, valid, pos)
+        if not self.offload_kv:
+            return sparse_attention(query, self.keys, self.values, index, n_valid, scaling)
+        kc, vc = self._recall(index, n_valid)
+        # same entries in the same order as without offload, so the same numbers
+        local = torch.arange(index.shape[2], device=index.device).expand_as(index)
+        return sparse_attention(query, kc, vc, local, n_valid, scaling)
+
     def attend(self, query, attention_mask, scaling):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
 
         ``attention_mask``: bool ``(B, 1, Q, seen)`` (True = attend), additive float, or
-        None (then causal). Single-query steps read the budgeted selection; multi-query
-        steps are exact. Returns ``(B, Q, H, d)``.
+        None (then causal). Each query of a step of at most ``SPARSE_CHUNK`` reads its own
+        budgeted selection; longer steps are exact. Returns ``(B, Q, H, d)``.
         """
         q_len = query.shape[2]
         allowed = self._valid_mask(attention_mask, q_len, query.device)
-        if q_len != 1:
+        if q_len > SPARSE_CHUNK:
             return self._dense(query, allowed, scaling)
-        valid = allowed[:, 0]
-        self._maybe_cluster(valid)
-        index, n_valid = self.select_tokens(query, valid)
-        out = sparse_attention(query, self.keys, self.values, index, n_valid, scaling)
+        first = self.seen - q_len
+        self._maybe_cluster(allowed[:, 0], first)
+        outs = [
+            self._attend_one(query[:, :, i : i + 1], allowed[:, i], first + i, scaling)
+            for i in range(q_len)
+        ]
+        out = outs[0] if q_len == 1 else torch.cat(outs, dim=2)
         return out.transpose(1, 2).contiguous()
 
     # -- bookkeeping ------------------------------------------------------------------
     def _tensors(self):
-        return ("_k", "_v", "centroids", "sizes", "offsets", "sorted_ids")
+        return ("_k", "_v", "centroids", "sizes", "offsets", "sorted_ids") + self._resident()
+
+    @staticmethod
+    def _resident() -> tuple[str, ...]:
+        return ("_res_k", "_res_v", "_res_pos")
+
+    def device_tensors(self) -> tuple[str, ...]:
+        """Names of the state tensors held in device memory (with offload: all but the K/V)."""
+        if self.offload_kv:
+            return ("centroids", "sizes", "offsets", "sorted_ids") + self._resident()
+        return self._tensors()
+
+    def nbytes(self) -> int:
+        """Device bytes this layer has allocated (measured storages); with offload the host
+        K/V is not counted (see :meth:`host_nbytes`)."""
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).untyped_storage().nbytes() for n in self.device_tensors())
+
+    def host_nbytes(self) -> int:
+        """Bytes of the host-side K/V (0 without offload)."""
+        if not (self.is_initialized and self.offload_kv):
+            return 0
+        return self._k.untyped_storage().nbytes() + self._v.untyped_storage().nbytes()
 
     def _after_batch_map(self) -> None:
         self._views()
@@ -311,8 +429,12 @@ class ClusterKVLayer(CompressedLayer):
         self._map_batch(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self):
-        if self.is_initialized and self._k.device != self.device:
-            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+        if self.is_initialized and self.centroids.device != self.device:
+            keep_host = set() if not self.offload_kv else {"_k", "_v"}
+            for n in self._tensors():
+                if n not in keep_host:
+                    setattr(self, n, getattr(self, n).to(self.device, non_blocking=True))
+            self._views()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens (negative count, as transformers passes).
@@ -335,12 +457,20 @@ class ClusterKVLayer(CompressedLayer):
         self.sizes = self.sizes[:, :, :c_end]
         self.offsets = self.offsets[:, :, :c_end]
         self.sorted_ids = self.sorted_ids[:, :, :s_end]
+        if self._res_pos.shape[2]:  # removed tokens leave the working set (kept ascending)
+            pos = torch.where(self._res_pos >= self.seen, -1, self._res_pos)
+            order = torch.argsort(pos, dim=2)
+            self._res_pos = pos.gather(2, order)
+            for n_ in ("_res_k", "_res_v"):
+                t = getattr(self, n_)
+                setattr(self, n_, t.gather(2, order[..., None].expand(*order.shape, t.shape[3])))
         self._views()
 
     def reset(self) -> None:
         self.is_initialized = False
         self.seen = 0
         self.segments = []
+        self.h2d_bytes = 0
         self.keys = self.values = None
 
 
@@ -349,6 +479,7 @@ BUFFERS: tuple[str, ...] = ()  # ClusterKV learns settings, not tensors
 # Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
 LAYER_KEYS = ("budget", "tokens_per_cluster")
 GLOBAL_KEYS = ("sinks", "window", "append_every", "append_clusters", "kmeans_iters", "seed")
+FLAG_KEYS = ("offload",)  # optional booleans of the block (default False)
 
 
 def _setting(spec: dict, block: dict, key: str):
@@ -358,6 +489,9 @@ def _setting(spec: dict, block: dict, key: str):
 def validate(block: dict, num_layers: int) -> None:
     """Check the ClusterKV settings of a ``kvsurgery`` config block."""
     minimum = {"sinks": 0, "window": 0, "seed": 0, "budget": 0}
+    for key in FLAG_KEYS:
+        if not isinstance(block.get(key, False), bool):
+            raise ValueError(f"config.kvsurgery.{key} must be true or false, got {block[key]!r}.")
     for i, spec in enumerate(block["layers"]):
         if spec.get("dense"):
             continue
@@ -378,4 +512,5 @@ def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
 
 
 def make_layer(mod, spec: dict, block: dict) -> ClusterKVLayer:
-    return ClusterKVLayer(**{k: _setting(spec, block, k) for k in LAYER_KEYS + GLOBAL_KEYS})
+    kw = {k: _setting(spec, block, k) for k in LAYER_KEYS + GLOBAL_KEYS}
+    return ClusterKVLayer(**kw, **{k: bool(block.get(k, False)) for k in FLAG_KEYS})
