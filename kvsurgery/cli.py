@@ -17,6 +17,7 @@ _MODEL_HELP = "Hub id, local folder, .gguf file or alias (default: smollm2-135m,
 # Commands defined in their own modules, imported only when invoked (they import torch).
 _LAZY = {
     "eval": ("kvsurgery.evaluate", "eval_command"),
+    "bench": ("kvsurgery.bench", "bench_command"),
 }
 
 
