@@ -171,6 +171,11 @@ class ClusterKVLayer(CompressedLayer):
         return self.segments[-1][3] if self.segments else 0
 
     @property
+    def n_comp(self) -> int:
+        """Tokens in clustered segments (read only when selected), as evaluation counts them."""
+        return sum(s[1] - s[0] for s in self.segments)
+
+    @property
     def clustered_end(self) -> int:
         """First position after the clustered segments (the sinks' end when there are none)."""
         return self.segments[-1][1] if self.segments else min(self.sinks, self.seen)
