@@ -35,8 +35,19 @@ def _split(x: torch.Tensor, holdout: float, seed: int):
     return x[perm[n_hold:]], x[perm[:n_hold]]
 
 
+# Fields the learned dictionaries and error curves depend on; the others (the byte target,
+# buffer sizes...) only change the allocation, so changing them reuses the dictionaries.
+_LEARNING_FIELDS = ("n_atoms", "s_k", "s_v", "s_max", "iters", "holdout", "seed", "dense")
+
+
 def _recipe_hash(recipe: Recipe) -> str:
-    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    d = recipe.to_dict()
+    learning = {k: d.get(k) for k in _LEARNING_FIELDS}
+    layers = d.get("layers") or {}
+    learning["layers"] = {
+        sel: {k: v for k, v in over.items() if k in _LEARNING_FIELDS} for sel, over in layers.items()
+    }
+    return hashlib.sha256(json.dumps(learning, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def compressed_layers(dims: dict, recipe: Recipe) -> list[bool]:
@@ -121,6 +132,7 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             s_min=base.s_min,
             s_max=s_max,
             exact_fraction=exact,
+            key_weight=base.key_weight,
         )
     else:
         s_k = [recipe.for_layer(i, dims["layer_types"][i]).s_k for i in layers]

@@ -53,6 +53,7 @@ def choose_sparsity(
     s_min: int = 1,
     s_max: int | None = None,
     exact_fraction: float = 0.0,
+    key_weight: float = 1.0,
 ) -> tuple[list[int], list[int]]:
     """Atoms per layer for keys and values.
 
@@ -72,6 +73,9 @@ def choose_sparsity(
             per K/V whose error is ``<= max_error`` (``s_max`` where none is).
         s_min, s_max: bounds on every ``s`` (``s_max`` defaults to ``S``).
         exact_fraction: share of tokens kept in fp16, in ``[0, 1)``.
+        key_weight: how much more a unit of key error costs than a unit of value error
+            (> 0): key gains are multiplied by it in the budget mode, and the key bound is
+            ``max_error / key_weight`` in the error mode.
 
     Returns:
         ``(s_k, s_v)``: two lists of ``L`` ints.
@@ -92,13 +96,18 @@ def choose_sparsity(
         )
     if not 0.0 <= exact_fraction < 1.0:
         raise ValueError(f"exact_fraction must be in [0, 1), got {exact_fraction}")
+    if not key_weight > 0:
+        raise ValueError(f"key_weight must be > 0, got {key_weight}")
     if d < 1 or bytes_per_coef < 1:
         raise ValueError(
             f"d and bytes_per_coef must be >= 1, got d={d}, bytes_per_coef={bytes_per_coef}"
         )
 
     if max_error is not None:
-        return _by_error(ek, max_error, s_min, s_max), _by_error(ev, max_error, s_min, s_max)
+        return (
+            _by_error(ek, max_error / key_weight, s_min, s_max),
+            _by_error(ev, max_error, s_min, s_max),
+        )
 
     floor = compression_ratio(
         [s_min] * n_layers, [s_min] * n_layers, d=d, bytes_per_coef=bytes_per_coef,
@@ -123,7 +132,7 @@ def choose_sparsity(
         if s < s_max:
             curve = curves[kind][layer]
             # Error with s atoms is curve[s - 1]; one more atom gives curve[s].
-            gain = float(curve[s - 1] - curve[s])
+            gain = float(curve[s - 1] - curve[s]) * (key_weight if kind == 0 else 1.0)
             heapq.heappush(heap, (-gain, layer, kind))
 
     for layer in range(n_layers):

@@ -95,3 +95,18 @@ def test_errors_name_the_numbers():
         choose_sparsity(ek, ev, d=D, target_ratio=0.9, exact_fraction=1.0)
     with pytest.raises(ValueError, match=r"both be \(L, s_max\).*\(6, 16\) and \(6, 15\)"):
         choose_sparsity(ek, ev[:, :15], d=D, target_ratio=0.2)
+
+
+def test_key_weight_moves_atoms_to_keys_at_the_same_budget():
+    ek, ev = _curves()
+    budgets = {}
+    for w in (1.0, 3.0, 10.0):
+        sk, sv = choose_sparsity(ek, ev, d=D, target_ratio=0.2, key_weight=w)
+        budgets[w] = (sum(sk), sum(sv))
+    assert sum(budgets[1.0]) == sum(budgets[3.0]) == sum(budgets[10.0])
+    assert budgets[1.0][0] < budgets[3.0][0] < budgets[10.0][0]
+    # error mode: the key bound is max_error / key_weight
+    tight, _ = choose_sparsity(ek, ev, d=D, max_error=0.2, key_weight=2.0)
+    assert tight == choose_sparsity(ek, ek, d=D, max_error=0.1)[0]
+    with pytest.raises(ValueError, match="key_weight"):
+        choose_sparsity(ek, ev, d=D, target_ratio=0.2, key_weight=0)
