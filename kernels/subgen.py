@@ -21,6 +21,12 @@ At decode, per query ``q`` (logits ``l(k) = scale * q.k``)::
 with the exact sinks and recent window in ``N_exact``/``Z_exact``, all three parts sharing
 one running max. Both estimates are unbiased.
 
+Beyond the paper, small streams are exact: a cluster keeps its first ``t`` members as its
+slots (weight 1 each while ``n_c <= t``) and the value reservoir its first ``s`` tokens;
+later arrivals replace slots with the paper's probabilities and the weights are adjusted
+so the estimates stay unbiased (see :func:`append_ref`). With every key its own cluster
+and at most ``s`` streamed tokens the output equals exact attention.
+
 Public entry points (``*_ref`` torch reference, ``*_triton`` kernel, bare name dispatches:
 Triton for CUDA tensors, else the reference):
 
@@ -49,6 +55,8 @@ except Exception:  # pragma: no cover - depends on the environment
     _HAS_TRITON = False
 
 __all__ = [
+    "STATE_KEYS",
+    "new_state",
     "append",
     "append_ref",
     "append_triton",
@@ -86,7 +94,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 def value_accept_probs(
     v: torch.Tensor, valid: torch.Tensor, mu: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replacement probability of each new token in the l2 value reservoir.
+    """Running ``|v|^2`` totals and each new token's l2 replacement probability.
 
     Args:
         v: ``(BH, M, d)`` new values.
@@ -94,15 +102,14 @@ def value_accept_probs(
         mu: ``(BH,)`` fp32 running total of ``|v|^2`` before these tokens.
 
     Returns:
-        ``(p (BH, M) fp32, mu_new (BH,) fp32)`` with ``p_i = |v_i|^2 / mu_i`` where ``mu_i``
-        includes token i (0 where ``mu_i == 0``). The first token of a stream with a
-        non-zero value has ``p = 1`` and so fills every slot.
+        ``(p (BH, M), mu_run (BH, M))`` fp32: ``mu_run[i]`` includes token i and
+        ``p_i = |v_i|^2 / mu_run[i]`` (0 where the total is 0). Computed once by the caller
+        of both paths, so the kernel and the reference take identical decisions.
     """
     w = v.float().pow(2).sum(-1) * valid
     run = mu.float()[:, None] + torch.cumsum(w, dim=1)
     p = torch.where(run > 0, w / torch.where(run > 0, run, torch.ones_like(run)), 0.0)
-    new = run[:, -1] if run.shape[1] else mu.float()
-    return p, new
+    return p, run
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,56 +128,96 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     )
 
 
+STATE_KEYS = (
+    "centres",
+    "counts",
+    "n_clusters",
+    "samples",
+    "res_k",
+    "res_v",
+    "res_orig",
+    "n_val",
+    "mu",
+    "mu_s",
+)
+
+
+def new_state(BH: int, cap: int, t: int, s: int, d: int, dtype, device) -> dict:
+    """An empty SubGen state for ``BH`` rows (see :func:`append_ref` for the fields)."""
+    z = dict(dtype=dtype, device=device)
+    return {
+        "centres": torch.zeros(BH, cap, d, **z),
+        "counts": torch.zeros(BH, cap, dtype=torch.int32, device=device),
+        "n_clusters": torch.zeros(BH, dtype=torch.int32, device=device),
+        "samples": torch.zeros(BH, cap, t, d, **z),
+        "res_k": torch.zeros(BH, s, d, **z),
+        "res_v": torch.zeros(BH, s, d, **z),
+        "res_orig": torch.zeros(BH, s, dtype=torch.int8, device=device),
+        "n_val": torch.zeros(BH, dtype=torch.int32, device=device),
+        "mu": torch.zeros(BH, dtype=torch.float32, device=device),
+        "mu_s": torch.zeros(BH, dtype=torch.float32, device=device),
+    }
+
+
 def append_ref(
     k: torch.Tensor,
     v: torch.Tensor,
     valid: torch.Tensor,
     delta: torch.Tensor,
-    centres: torch.Tensor,
-    counts: torch.Tensor,
-    n_clusters: torch.Tensor,
-    samples: torch.Tensor,
-    res_k: torch.Tensor,
-    res_v: torch.Tensor,
+    state: dict,
     u_clu: torch.Tensor,
-    p_val: torch.Tensor,
     u_val: torch.Tensor,
 ) -> torch.Tensor:
     """Stream ``M`` new tokens per row into the clustering and the value reservoir (in place).
 
-    Semantics are those of processing the tokens one by one in order: a valid token joins
-    the first centre (lowest id) with ``|k - centre|^2 <= delta^2``, else opens cluster
-    ``n_clusters`` with centre k; its cluster's count becomes ``n``; sample slot ``j`` of that
-    cluster takes k when ``u_clu[i, j] < 1 / n``; value slot ``j`` takes (k, v) when
-    ``u_val[i, j] < p_val[i]``. Vectorised: existing centres are scored in chunks, tokens
-    that match none are clustered among themselves leader by leader (the first unmatched
-    token opens a cluster and takes every later unmatched token within delta, which is
-    exactly what the sequential rule does), and each reservoir slot keeps its last
-    accepted token.
+    Semantics are those of processing the valid tokens one by one, in order:
+
+    * clustering: the token joins the first centre (lowest id) with
+      ``|k - centre|^2 <= delta^2``, else opens cluster ``n_clusters`` with centre k. Its
+      cluster's count becomes ``n``. Sample slot ``j`` takes k when ``n <= t`` and
+      ``j == n - 1`` (the first t members are kept exactly), or when ``n > t`` and
+      ``u_clu[i, j] < 1 / n``. Slot j then holds its first member with probability t/n and
+      each later member with probability 1/n, so ``(n / min(n, t)) sum_slots`` is an
+      unbiased estimate of the sum over members (exact while ``n <= t``).
+    * values: the first ``s`` valid tokens of a row fill the slots in order (``res_orig =
+      1``, ``mu_s`` = the running total when the last of them arrived); a later token
+      replaces slot j when ``u_val[i, j] < |v_i|^2 / mu_i`` (``res_orig = 0``). A slot
+      still holding its original token is weighted ``mu / mu_s``, a replaced one ``mu /
+      (s |v|^2)``: unbiased for ``sum_i f(k_i) v_i`` (exact while at most s tokens came).
+
+    Vectorised: existing centres are scored in chunks, tokens that match none are
+    clustered among themselves leader by leader (the first unmatched token opens a cluster
+    and takes every later unmatched token within delta, which is what the sequential rule
+    does), and each slot keeps its last accepted token.
 
     Args:
         k, v: ``(BH, M, d)`` new keys / values.
         valid: ``(BH, M)`` bool; invalid tokens change nothing and get label -1.
         delta: ``(BH,)`` fp32 cluster radius per row.
-        centres: ``(BH, Cap, d)``; counts ``(BH, Cap)`` int32 (0 beyond ``n_clusters``);
-            n_clusters ``(BH,)`` int32; samples ``(BH, Cap, t, d)``;
-            ``Cap >= n_clusters + M`` (room for every token to open a cluster).
-        res_k, res_v: ``(BH, s, d)`` value reservoir.
-        u_clu: ``(BH, M, t)`` and u_val ``(BH, M, s)`` uniforms in [0, 1); p_val ``(BH, M)``
-            from :func:`value_accept_probs`.
+        state: :data:`STATE_KEYS` tensors, updated in place: ``centres (BH, Cap, d)``,
+            ``counts (BH, Cap)`` int32 (0 beyond ``n_clusters``), ``n_clusters (BH,)`` int32,
+            ``samples (BH, Cap, t, d)`` (``Cap >= n_clusters + M``: room for every token to
+            open a cluster), ``res_k/res_v (BH, s, d)``, ``res_orig (BH, s)`` int8, ``n_val
+            (BH,)`` int32 valid tokens streamed, ``mu``/``mu_s`` ``(BH,)`` fp32.
+        u_clu: ``(BH, M, t)`` and u_val ``(BH, M, s)`` uniforms in [0, 1).
 
     Returns:
         labels ``(BH, M)`` int64 (-1 for invalid tokens).
     """
+    centres, counts, n_clusters = state["centres"], state["counts"], state["n_clusters"]
+    samples, res_k, res_v = state["samples"], state["res_k"], state["res_v"]
     BH, M, d = k.shape
     Cap, t = samples.shape[1], samples.shape[2]
+    S = res_k.shape[1]
     dev = k.device
     if BH and int(n_clusters.max()) + M > Cap:
         raise ValueError(f"capacity {Cap} < clusters + new tokens; reserve before appending")
+    p_val, mu_run = value_accept_probs(v, valid, state["mu"])
     rows = torch.arange(BH, device=dev)
     d2max = delta.float().pow(2)
     labels = torch.full((BH, M), -1, dtype=torch.int64, device=dev)
     cid = torch.arange(Cap, device=dev)
+    slot_t = torch.arange(t, device=dev)
     for a in range(0, M, _REF_CHUNK):
         b = min(M, a + _REF_CHUNK)
         x, ok = k[:, a:b], valid[:, a:b]
@@ -185,47 +232,80 @@ def append_ref(
         lab = torch.where(ok, lab, -1)
         free = ok & (lab < 0)
         n_cur = n0.clone()
-        while bool(free.any()):
-            has = free.any(1)
-            lead = torch.argmax(free.to(torch.int8), dim=1)  # first unmatched token per row
-            lx = x[rows, lead]  # (BH, d)
-            dist = _sq_dist(x, lx[:, None, :])[..., 0]  # (BH, m)
-            join = free & (dist <= d2max[:, None]) & has[:, None]
-            join[rows, lead] |= has  # the leader joins its own cluster whatever rounding says
-            lab = torch.where(join, n_cur[:, None], lab)
-            r = rows[has]
-            centres[r, n_cur[has]] = lx[has].to(centres.dtype)
-            n_cur = n_cur + has.long()
-            free &= ~join
+        if bool(free.any()):
+            # distances among the chunk's tokens once; the leader loop then only indexes
+            near = _sq_dist(x, x.to(centres.dtype)) <= d2max[:, None, None]  # (BH, m, m)
+            opened = []
+            while bool(free.any()):
+                has = free.any(1)
+                lead = torch.argmax(free.to(torch.int8), dim=1)  # first unmatched token
+                join = free & near[rows, lead] & has[:, None]
+                join[rows, lead] |= has  # the leader joins its own cluster whatever rounding says
+                lab = torch.where(join, n_cur[:, None], lab)
+                opened.append((rows[has], n_cur[has], lead[has]))
+                n_cur = n_cur + has.long()
+                free &= ~join
+            r, c, j = (torch.cat(z) for z in zip(*opened, strict=True))
+            centres[r, c] = x[r, j].to(centres.dtype)
         n_clusters.copy_(n_cur.to(n_clusters.dtype))
         labels[:, a:b] = lab
         # member ranks: the i-th member of cluster c in this chunk has count n0_c + i
         safe = lab.clamp(min=0)
-        onehot = torch.nn.functional.one_hot(safe, Cap) * ok[..., None]
-        rank = torch.cumsum(onehot, dim=1).gather(2, safe[..., None])[..., 0]
-        n = counts.long().gather(1, safe) + rank  # (BH, m)
-        counts += onehot.sum(1).to(counts.dtype)
-        acc = (u_clu[:, a:b] < 1.0 / n.float().clamp(min=1)[..., None]) & ok[..., None]
+        key = torch.where(ok, lab, Cap)  # invalid tokens sort last, in a group of their own
+        order = torch.argsort(key, dim=1, stable=True)
+        sk = key.gather(1, order)
+        pos = torch.arange(b - a, device=dev).expand_as(sk)
+        starts = torch.ones_like(sk, dtype=torch.bool)
+        starts[:, 1:] = sk[:, 1:] != sk[:, :-1]
+        first = torch.where(starts, pos, 0).cummax(1).values
+        rank = torch.empty_like(sk).scatter_(1, order, pos - first + 1)
+        n = (counts.long().gather(1, safe) + rank)[..., None]  # (BH, m, 1)
+        counts.scatter_add_(1, safe, ok.to(counts.dtype))
+        acc = torch.where(n <= t, slot_t == n - 1, u_clu[:, a:b] < 1.0 / n.float().clamp(min=1))
+        acc &= ok[..., None]
         tok = torch.arange(a, b, device=dev)[None, :, None].expand(BH, b - a, t)
         last = torch.full((BH, Cap * t), -1, dtype=torch.int64, device=dev)
-        flat = safe[..., None] * t + torch.arange(t, device=dev)
-        last.scatter_reduce_(
-            1, flat.reshape(BH, -1), torch.where(acc, tok, -1).reshape(BH, -1), "amax"
-        )
+        flat = (safe[..., None] * t + slot_t).reshape(BH, -1)
+        last.scatter_reduce_(1, flat, torch.where(acc, tok, -1).reshape(BH, -1), "amax")
         put = last >= 0
         src = k[rows[:, None].expand_as(last), last.clamp(min=0)]  # (BH, Cap*t, d)
         smp = samples.view(BH, Cap * t, d)
         smp.copy_(torch.where(put[..., None], src.to(samples.dtype), smp))
-    # value reservoir: each slot keeps its last accepted token
-    S = res_k.shape[1]
-    acc = (u_val < p_val[..., None]) & valid[..., None]  # (BH, M, S)
+    # value reservoir: deterministic fill, then l2 replacement; each slot keeps its last take
+    rank_v = state["n_val"].long()[:, None] + torch.cumsum(valid.long(), dim=1) - 1  # (BH, M)
+    det = valid & (rank_v < S)
+    slot_s = torch.arange(S, device=dev)
+    acc = torch.where(det[..., None], slot_s == rank_v[..., None], u_val < p_val[..., None])
+    acc &= valid[..., None]  # (BH, M, S)
     tok = torch.arange(M, device=dev)[None, :, None]
     last = torch.where(acc, tok, -1).amax(1) if M else torch.full((BH, S), -1, device=dev)
-    put = (last >= 0)[..., None]
+    put = last >= 0
     idx = last.clamp(min=0)
-    res_k.copy_(torch.where(put, k[rows[:, None], idx].to(res_k.dtype), res_k))
-    res_v.copy_(torch.where(put, v[rows[:, None], idx].to(res_v.dtype), res_v))
+    res_k.copy_(torch.where(put[..., None], k[rows[:, None], idx].to(res_k.dtype), res_k))
+    res_v.copy_(torch.where(put[..., None], v[rows[:, None], idx].to(res_v.dtype), res_v))
+    orig = det.gather(1, idx).to(torch.int8)
+    state["res_orig"].copy_(torch.where(put, orig, state["res_orig"]))
+    last_det = torch.where(det, torch.arange(M, device=dev), -1).amax(1) if M else None
+    if M:
+        mu_at = mu_run.gather(1, last_det.clamp(min=0)[:, None])[:, 0]
+        state["mu_s"].copy_(torch.where(last_det >= 0, mu_at, state["mu_s"]))
+        state["mu"].copy_(mu_run[:, -1])
+    state["n_val"] += valid.sum(1).to(state["n_val"].dtype)
     return labels
+
+
+def _slot_weights(res_v, res_orig, mu, mu_s) -> torch.Tensor:
+    """Numerator weight of each value slot: ``mu / mu_s`` for a slot still holding its
+    original token, ``mu / (s |v|^2)`` for a replaced one, 0 for an unused slot.
+    ``(..., s, d), (..., s), (...), (...) -> (..., s)`` fp32."""
+    S = res_v.shape[-2]
+    nrm = res_v.float().pow(2).sum(-1)
+    mu, mu_s = mu.float()[..., None], mu_s.float()[..., None]
+    orig = res_orig != 0
+    w_orig = torch.where(mu_s > 0, mu / torch.where(mu_s > 0, mu_s, 1.0), 1.0)
+    live = (nrm > 0) & (mu > 0)
+    w_rep = torch.where(live, mu / (S * torch.where(live, nrm, 1.0)), 0.0)
+    return torch.where(orig, w_orig.expand_as(nrm), w_rep)
 
 
 def estimate_attention_ref(
@@ -233,11 +313,7 @@ def estimate_attention_ref(
     k_ex: torch.Tensor,
     v_ex: torch.Tensor,
     mask_ex: torch.Tensor | None,
-    samples: torch.Tensor,
-    counts: torch.Tensor,
-    res_k: torch.Tensor,
-    res_v: torch.Tensor,
-    mu: torch.Tensor,
+    state: dict,
     scale: float,
 ) -> torch.Tensor:
     """Exact attention over ``k_ex/v_ex`` plus the SubGen estimate of the streamed tokens.
@@ -248,10 +324,9 @@ def estimate_attention_ref(
         mask_ex: ``(B, Q, E)`` bool, True = attend (None: all). The streamed tokens are
             visible to every query (they are older than all of them and padding never
             enters the streams).
-        samples: ``(B, H_kv, C, t, d)`` cluster key samples; counts ``(B, H_kv, C)`` int
-            cluster sizes (0 = unused cluster).
-        res_k, res_v: ``(B, H_kv, s, d)`` value reservoir; a slot with ``|v| = 0`` is unused.
-        mu: ``(B, H_kv)`` fp32 running ``sum |v|^2``.
+        state: the :data:`STATE_KEYS` tensors with a ``(B, H_kv)`` row shape: ``samples (B,
+            H_kv, C, t, d)``, ``counts (B, H_kv, C)``, ``res_k/res_v (B, H_kv, s, d)``,
+            ``res_orig (B, H_kv, s)``, ``mu``/``mu_s`` ``(B, H_kv)`` (the others are unused).
         scale: softmax scale.
 
     Returns:
@@ -260,8 +335,8 @@ def estimate_attention_ref(
     B, H, Q, d = q.shape
     H_kv = k_ex.shape[1]
     g = H // H_kv
+    samples, counts = state["samples"], state["counts"]
     C, t = samples.shape[2], samples.shape[3]
-    S = res_k.shape[2]
     qg = q.float().reshape(B, H_kv, g * Q, d)
     s_ex = torch.matmul(qg, k_ex.float().transpose(-1, -2)) * scale  # (B, H_kv, gQ, E)
     if mask_ex is not None:
@@ -269,14 +344,14 @@ def estimate_attention_ref(
         s_ex = s_ex.masked_fill(~m, float("-inf"))
     smp = samples.float().reshape(B, H_kv, C * t, d)
     s_sm = torch.matmul(qg, smp.transpose(-1, -2)) * scale  # (B, H_kv, gQ, C*t)
-    w_sm = (counts.float() / t).repeat_interleave(t, dim=-1)  # (B, H_kv, C*t)
+    n_c = counts.float()[..., None]  # (B, H_kv, C, 1)
+    filled = torch.arange(t, device=q.device) < n_c.clamp(max=t)  # (B, H_kv, C, t)
+    w_sm = torch.where(filled, n_c / n_c.clamp(min=1, max=t), 0.0).reshape(B, H_kv, C * t)
     s_sm = s_sm.masked_fill(~(w_sm > 0)[:, :, None], float("-inf"))
-    rv = res_v.float()
-    nrm = rv.pow(2).sum(-1)  # (B, H_kv, S)
-    live = (nrm > 0) & (mu.float()[..., None] > 0)
-    w_rv = torch.where(live, mu.float()[..., None] / (S * torch.where(live, nrm, 1.0)), 0.0)
-    s_rv = torch.matmul(qg, res_k.float().transpose(-1, -2)) * scale  # (B, H_kv, gQ, S)
-    s_rv = s_rv.masked_fill(~live[:, :, None], float("-inf"))
+    rv = state["res_v"].float()
+    w_rv = _slot_weights(rv, state["res_orig"], state["mu"], state["mu_s"])  # (B, H_kv, S)
+    s_rv = torch.matmul(qg, state["res_k"].float().transpose(-1, -2)) * scale
+    s_rv = s_rv.masked_fill(~(w_rv > 0)[:, :, None], float("-inf"))
     mx = torch.cat([s_ex, s_sm, s_rv], dim=-1).amax(-1, keepdim=True)
     mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     p_ex, p_sm, p_rv = (torch.exp(x - mx) for x in (s_ex, s_sm, s_rv))
@@ -307,27 +382,32 @@ if _HAS_TRITON:
         smp_ptr,
         rk_ptr,
         rv_ptr,
+        orig_ptr,
+        nval_ptr,
+        mus_ptr,
         uc_ptr,
         pv_ptr,
+        run_ptr,
         uv_ptr,
         lab_ptr,
         M,
         Cap,
-        T: tl.constexpr,  # samples per cluster (slot loop unrolled over T_P lanes)
+        T: tl.constexpr,  # samples per cluster
         T_P: tl.constexpr,  # next pow2 of T (tile dimension)
-        S: tl.constexpr,  # value reservoir slots
+        S: tl.constexpr,  # value slots
         S_P: tl.constexpr,  # next pow2 of S (tile dimension)
         D: tl.constexpr,  # head dim: constexpr so the d-mask folds away when D == D_P
         D_P: tl.constexpr,  # next pow2 of D (tile dimension)
         BLOCK_C: tl.constexpr,  # centres scored per step (tile dimension)
     ):
         """Grid ``(BH,)``: one program streams the M tokens of its row in order (the
-        clustering is sequential: a token may join a cluster opened by the previous one).
-        Per token: squared distances to every centre in tiles, first hit within delta (or
-        a new cluster), count += 1, sample slots replaced where ``u < 1/count``, value
-        slots where ``u < p``. All state lives in global memory; a barrier after each
-        token makes its stores visible to the next token's loads across the program's
-        threads."""
+        clustering is sequential: a token may join a cluster the previous one opened).
+        Per token: squared distances to every centre in tiles, first hit within delta or
+        a new cluster, count += 1, sample and value slot updates (rules in
+        :func:`append_ref`). State lives in global memory; a barrier after each token makes
+        its stores visible to the next token's loads across the program's threads.
+        Interpreter quirk: a vector mask may not be and-ed with a scalar bool, so scalar
+        flags are int32 and broadcast by comparing a vector with them."""
         row = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, D_P)
         dmask = offs_d < D
@@ -336,10 +416,11 @@ if _HAS_TRITON:
         d2max = tl.load(delta_ptr + row)
         d2max = d2max * d2max
         ncl = tl.load(ncl_ptr + row)
+        nval = tl.load(nval_ptr + row)
+        mus = tl.load(mus_ptr + row)
         for i in range(0, M):
             tok = row * M + i
             act = (tl.load(ok_ptr + tok) != 0).to(tl.int32)
-            active = act != 0
             kx = tl.load(k_ptr + tok * D + offs_d, mask=dmask, other=0.0)
             x = kx.to(tl.float32)
             xx = tl.sum(x * x, axis=0)
@@ -355,45 +436,55 @@ if _HAS_TRITON:
                 d2 = xx - 2.0 * tl.sum(c * x[None, :], axis=1) + tl.sum(c * c, axis=1)
                 hit = cmask & (d2 <= d2max)
                 best = tl.minimum(best, tl.min(tl.where(hit, offs_c, _NO_HIT_TL), axis=0))
-            is_new = best == _NO_HIT_TL
-            lab = tl.where(is_new, ncl, best)
-            opened = is_new.to(tl.int32) * act
-            # vector & scalar-bool masks trip the interpreter: broadcast the flags as ints
+            lab = tl.where(best == _NO_HIT_TL, ncl, best)
+            opened = (best == _NO_HIT_TL).to(tl.int32) * act
             tl.store(
                 cen_ptr + (row * Cap + lab) * D + offs_d,
                 kx.to(cen_ptr.dtype.element_ty),
                 mask=dmask & (offs_d * 0 + opened != 0),
             )
             n = tl.load(cnt_ptr + row * Cap + lab) + 1
-            tl.store(cnt_ptr + row * Cap + lab, n, mask=active)
+            tl.store(cnt_ptr + row * Cap + lab, n, mask=act != 0)
             ncl = ncl + opened
+            # sample slots: the first T members exactly, then replacement with prob 1/n
+            small = (n <= T).to(tl.int32)
             u = tl.load(uc_ptr + tok * T + offs_t, mask=offs_t < T, other=1.0)
-            take = (u < 1.0 / n.to(tl.float32)) & (offs_t < T) & (offs_t * 0 + act != 0)
+            take = ((offs_t == n - 1) & (offs_t * 0 + small != 0)) | (
+                (u < 1.0 / n.to(tl.float32)) & (offs_t * 0 + small == 0)
+            )
+            take = take & (offs_t < T) & (offs_t * 0 + act != 0)
             tl.store(
                 smp_ptr + ((row * Cap + lab) * T + offs_t[:, None]) * D + offs_d[None, :],
-                tl.zeros([T_P, D_P], tl.float32).to(smp_ptr.dtype.element_ty)
-                + kx.to(smp_ptr.dtype.element_ty)[None, :],
+                (tl.zeros([T_P, D_P], tl.float32) + x[None, :]).to(smp_ptr.dtype.element_ty),
                 mask=take[:, None] & dmask[None, :],
             )
+            # value slots: the first S valid tokens in order, then l2 replacement
+            det = (nval < S).to(tl.int32) * act
+            rep = act - det
             p = tl.load(pv_ptr + tok)
             uv = tl.load(uv_ptr + tok * S + offs_s, mask=offs_s < S, other=1.0)
-            take_v = (uv < p) & (offs_s < S) & (offs_s * 0 + act != 0)
-            vx = tl.load(v_ptr + tok * D + offs_d, mask=dmask, other=0.0)
+            take_v = ((offs_s == nval) & (offs_s * 0 + det != 0)) | (
+                (uv < p) & (offs_s * 0 + rep != 0)
+            )
+            take_v = take_v & (offs_s < S)
+            vx = tl.load(v_ptr + tok * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
             slot = (row * S + offs_s[:, None]) * D + offs_d[None, :]
             zero = tl.zeros([S_P, D_P], tl.float32)
+            m2 = take_v[:, None] & dmask[None, :]
+            tl.store(rk_ptr + slot, (zero + x[None, :]).to(rk_ptr.dtype.element_ty), mask=m2)
+            tl.store(rv_ptr + slot, (zero + vx[None, :]).to(rv_ptr.dtype.element_ty), mask=m2)
             tl.store(
-                rk_ptr + slot,
-                (zero + x[None, :]).to(rk_ptr.dtype.element_ty),
-                mask=take_v[:, None] & dmask[None, :],
+                orig_ptr + row * S + offs_s,
+                (offs_s * 0 + det).to(tl.int8),
+                mask=take_v,
             )
-            tl.store(
-                rv_ptr + slot,
-                (zero + vx.to(tl.float32)[None, :]).to(rv_ptr.dtype.element_ty),
-                mask=take_v[:, None] & dmask[None, :],
-            )
-            tl.store(lab_ptr + tok, tl.where(active, lab, -1).to(tl.int64))
+            mus = tl.where(det != 0, tl.load(run_ptr + tok), mus)
+            nval = nval + act
+            tl.store(lab_ptr + tok, tl.where(act != 0, lab, -1).to(tl.int64))
             tl.debug_barrier()
         tl.store(ncl_ptr + row, ncl)
+        tl.store(nval_ptr + row, nval)
+        tl.store(mus_ptr + row, mus)
 
     @triton.jit
     def _online(m, lsum, acc, s, w, vv, HAS_V: tl.constexpr, IN_DEN: tl.constexpr):
@@ -415,7 +506,7 @@ if _HAS_TRITON:
             acc = acc * alpha[:, None]
         return m_new, lsum, acc
 
-    @triton.jit(do_not_specialize=["Q", "E", "NS", "H_kv"])
+    @triton.jit(do_not_specialize=["Q", "E", "C", "H_kv"])
     def _subgen_attn_kernel(
         q_ptr,
         stride_qb,
@@ -436,15 +527,15 @@ if _HAS_TRITON:
         cnt_ptr,
         rk_ptr,
         rv_ptr,
+        orig_ptr,
         mu_ptr,
+        mus_ptr,
         out_ptr,
         H_kv,
         Q,
         E,
-        NS,
+        C,
         scale_log2e,
-        inv_t,
-        inv_s,
         G: tl.constexpr,  # query heads per kv head (row -> head arithmetic folds)
         T: tl.constexpr,  # samples per cluster (sample -> cluster division folds)
         S: tl.constexpr,  # value slots
@@ -457,8 +548,9 @@ if _HAS_TRITON:
         """Grid ``(cdiv(G*Q, BLOCK_R), B*H_kv)``. Rows ``r = gi*Q + qi`` are the group's
         query heads x queries, so each K/V row is read once for the whole group (no GQA
         copy). Three passes share one online softmax: exact tokens (masked per query),
-        cluster samples (denominator only, weight ``n_c / t``), value slots (numerator
-        only, weight ``mu / (s |v|^2)``). Writes ``out (B, H, Q, D)`` fp32."""
+        cluster samples (denominator only, weight ``n_c / min(n_c, t)`` on the filled
+        slots), value slots (numerator only, weights of :func:`_slot_weights`). Writes
+        ``out (B, H, Q, D)`` fp32."""
         pid_r = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
         b = pid_bh // H_kv
@@ -515,21 +607,25 @@ if _HAS_TRITON:
             s = tl.where(live, s, float("-inf"))
             m, lsum, acc = _online(m, lsum, acc, s, ones, vv, True, True)
         # cluster samples: denominator only
-        for n0 in range(0, NS, BLOCK_N):
+        for n0 in range(0, C * T, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < NS
+            nmask = offs_n < C * T
             kk = tl.load(
-                smp_ptr + (pid_bh * NS + offs_n[:, None]) * D + offs_d[None, :],
+                smp_ptr + (pid_bh * C * T + offs_n[:, None]) * D + offs_d[None, :],
                 mask=nmask[:, None] & dmask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            n_c = tl.load(cnt_ptr + pid_bh * (NS // T) + offs_n // T, mask=nmask, other=0)
-            w = n_c.to(tl.float32) * inv_t
+            n_c = tl.load(cnt_ptr + pid_bh * C + offs_n // T, mask=nmask, other=0)
+            n_c = n_c.to(tl.float32)
+            n_f = tl.minimum(n_c, T)  # filled slots
+            w = tl.where((offs_n % T).to(tl.float32) < n_f, n_c / tl.maximum(n_f, 1.0), 0.0)
             s = tl.sum(qv[:, None, :] * kk[None, :, :], axis=2)
             s = tl.where(rmask[:, None] & (w > 0)[None, :], s, float("-inf"))
             m, lsum, acc = _online(m, lsum, acc, s, w, kk, False, True)
         # value slots: numerator only
         mu = tl.load(mu_ptr + pid_bh)
+        mu_s = tl.load(mus_ptr + pid_bh)
+        w_orig = tl.where(mu_s > 0, mu / tl.where(mu_s > 0, mu_s, 1.0), 1.0)
         for n0 in range(0, S, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < S
@@ -540,11 +636,13 @@ if _HAS_TRITON:
             vv = tl.load(
                 rv_ptr + (pid_bh * S + offs_n[:, None]) * D + offs_d[None, :], mask=m2, other=0.0
             ).to(tl.float32)
+            orig = tl.load(orig_ptr + pid_bh * S + offs_n, mask=nmask, other=0) != 0
             nrm = tl.sum(vv * vv, axis=1)
-            ok = nmask & (nrm > 0) & (nrm * 0.0 + mu > 0)  # vector-wide test (interpreter)
-            w = tl.where(ok, mu * inv_s / tl.where(ok, nrm, 1.0), 0.0)
+            live = nmask & (nrm > 0) & (nrm * 0.0 + mu > 0)  # vector-wide test (interpreter)
+            w_rep = tl.where(live, mu / (S * tl.where(live, nrm, 1.0)), 0.0)
+            w = tl.where(orig & nmask, nrm * 0.0 + w_orig, w_rep)
             s = tl.sum(qv[:, None, :] * kk[None, :, :], axis=2)
-            s = tl.where(rmask[:, None] & ok[None, :], s, float("-inf"))
+            s = tl.where(rmask[:, None] & (w > 0)[None, :], s, float("-inf"))
             m, lsum, acc = _online(m, lsum, acc, s, w, vv, True, False)
         inv = tl.where(lsum > 0, 1.0 / tl.where(lsum > 0, lsum, 1.0), 0.0)
         orow = ((b * H_kv + h) * G + gi) * Q + qi
@@ -584,37 +682,33 @@ def _check_runnable(t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def append_triton(
-    k, v, valid, delta, centres, counts, n_clusters, samples, res_k, res_v, u_clu, p_val, u_val
-) -> torch.Tensor:
+def append_triton(k, v, valid, delta, state: dict, u_clu, u_val) -> torch.Tensor:
     """:func:`append_ref` as one sequential Triton program per row (same arguments; the
     state tensors must be contiguous, they are updated in place)."""
     _check_runnable(k)
     BH, M, d = k.shape
-    Cap, t = samples.shape[1], samples.shape[2]
-    S = res_k.shape[1]
-    for name, x in (("centres", centres), ("counts", counts), ("n_clusters", n_clusters),
-                    ("samples", samples), ("res_k", res_k), ("res_v", res_v)):  # fmt: skip
-        if not x.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (updated in place)")
-    if BH and int(n_clusters.max()) + M > Cap:
+    Cap, t = state["samples"].shape[1], state["samples"].shape[2]
+    S = state["res_k"].shape[1]
+    for name in STATE_KEYS:
+        if not state[name].is_contiguous():
+            raise ValueError(f"state[{name!r}] must be contiguous (updated in place)")
+    if BH and int(state["n_clusters"].max()) + M > Cap:
         raise ValueError(f"capacity {Cap} < clusters + new tokens; reserve before appending")
     labels = torch.empty(BH, M, dtype=torch.int64, device=k.device)
     if BH == 0 or M == 0:
         return labels
+    p_val, mu_run = value_accept_probs(v, valid, state["mu"])
     _subgen_append_kernel[(BH,)](
         k.contiguous(),
         v.contiguous(),
         valid.to(torch.int8).contiguous(),
         delta.float().contiguous(),
-        centres,
-        counts,
-        n_clusters,
-        samples,
-        res_k,
-        res_v,
+        *(state[n] for n in STATE_KEYS[:7]),  # centres .. res_orig
+        state["n_val"],
+        state["mu_s"],
         u_clu.float().contiguous(),
-        p_val.float().contiguous(),
+        p_val.contiguous(),
+        mu_run.contiguous(),
         u_val.float().contiguous(),
         labels,
         M,
@@ -628,19 +722,18 @@ def append_triton(
         BLOCK_C=32,
         num_warps=4,
     )
+    state["mu"].copy_(mu_run[:, -1])
     return labels
 
 
-def estimate_attention_triton(
-    q, k_ex, v_ex, mask_ex, samples, counts, res_k, res_v, mu, scale: float
-) -> torch.Tensor:
+def estimate_attention_triton(q, k_ex, v_ex, mask_ex, state: dict, scale: float) -> torch.Tensor:
     """:func:`estimate_attention_ref` as one Triton kernel (same arguments)."""
     _check_runnable(q)
     B, H, Q, d = q.shape
     H_kv, E = k_ex.shape[1], k_ex.shape[2]
     g = H // H_kv
-    C, t = samples.shape[2], samples.shape[3]
-    S = res_k.shape[2]
+    C, t = state["samples"].shape[2], state["samples"].shape[3]
+    S = state["res_k"].shape[2]
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_ex = k_ex if k_ex.stride(-1) == 1 else k_ex.contiguous()
     v_ex = v_ex if v_ex.stride(-1) == 1 else v_ex.contiguous()
@@ -665,19 +758,19 @@ def estimate_attention_triton(
         v_ex.stride(1),
         v_ex.stride(2),
         *m_args,
-        samples.contiguous(),
-        counts.to(torch.int32).contiguous(),
-        res_k.contiguous(),
-        res_v.contiguous(),
-        mu.float().contiguous(),
+        state["samples"].contiguous(),
+        state["counts"].to(torch.int32).contiguous(),
+        state["res_k"].contiguous(),
+        state["res_v"].contiguous(),
+        state["res_orig"].to(torch.int8).contiguous(),
+        state["mu"].float().contiguous(),
+        state["mu_s"].float().contiguous(),
         out,
         H_kv,
         Q,
         E,
-        C * t,
+        C,
         float(scale) * _LOG2E,
-        1.0 / t,
-        1.0 / S,
         G=g,
         T=t,
         S=S,
@@ -696,17 +789,13 @@ def estimate_attention_triton(
 # ----------------------------------------------------------------------------------------
 
 
-def append(
-    k, v, valid, delta, centres, counts, n_clusters, samples, res_k, res_v, u_clu, p_val, u_val
-):
+def append(k, v, valid, delta, state: dict, u_clu, u_val) -> torch.Tensor:
     """Stream tokens into the SubGen state (see :func:`append_ref`): Triton on CUDA, else torch."""
     fn = append_triton if _use_triton(k) else append_ref
-    return fn(
-        k, v, valid, delta, centres, counts, n_clusters, samples, res_k, res_v, u_clu, p_val, u_val
-    )
+    return fn(k, v, valid, delta, state, u_clu, u_val)
 
 
-def estimate_attention(q, k_ex, v_ex, mask_ex, samples, counts, res_k, res_v, mu, scale: float):
+def estimate_attention(q, k_ex, v_ex, mask_ex, state: dict, scale: float) -> torch.Tensor:
     """SubGen decode attention (see :func:`estimate_attention_ref`): Triton on CUDA, else torch."""
     fn = estimate_attention_triton if _use_triton(q) else estimate_attention_ref
-    return fn(q, k_ex, v_ex, mask_ex, samples, counts, res_k, res_v, mu, scale)
+    return fn(q, k_ex, v_ex, mask_ex, state, scale)

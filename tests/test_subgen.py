@@ -1,0 +1,574 @@
+"""SubGen: kernels vs references (Triton interpreter) and vs a sequential oracle, unbiased
+estimates on clustered keys, the exact limit, the cache layer in generate() (padding,
+batch, GQA, chunked steps, beams), bad settings, and an export loaded in a fresh process.
+
+``triton.jit`` binds to the interpreter when triton is first imported, so TRITON_INTERPRET
+must be set before that; if another test module imported triton first, the kernel tests
+are skipped here (test_clusterkv.py re-runs its own in a subprocess the same way).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from kvsurgery.kernels import subgen as sg  # noqa: E402
+
+from kvsurgery.runtime import kvs_attention, kvs_subgen  # noqa: E402
+from kvsurgery.runtime.kvs_methods import KVSurgeryCache  # noqa: E402
+from kvsurgery.runtime.kvs_subgen import SubGenLayer  # noqa: E402
+
+CAN_RUN_TRITON = sg._HAS_TRITON and sg.triton_interpreter_active()
+needs_triton = pytest.mark.skipif(
+    not CAN_RUN_TRITON, reason="triton imported before TRITON_INTERPRET=1 (or missing)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors on shared, busy cores: intra-op threads only spin
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def blobs(BH, M, d, n_centres=6, spread=0.3, seed=0):
+    g = gen(seed)
+    cent = torch.randn(BH, n_centres, d, generator=g) * 3
+    pick = torch.randint(0, n_centres, (BH, M), generator=g)
+    return cent[torch.arange(BH)[:, None], pick] + spread * torch.randn(BH, M, d, generator=g)
+
+
+def stream_case(BH=3, M=37, d=24, t=3, S=5, seed=0):
+    g = gen(seed + 1)
+    k = blobs(BH, M, d, seed=seed)
+    v = torch.randn(BH, M, d, generator=g)
+    valid = torch.rand(BH, M, generator=g) > 0.2
+    return k, v, valid, torch.rand(BH, M, t, generator=g), torch.rand(BH, M, S, generator=g)
+
+
+def sequential_oracle(k, v, valid, delta, t, S, u_clu, u_val):
+    """Token-by-token Python version of the append rules (independent of both paths)."""
+    BH, M, d = k.shape
+    out = []
+    for r in range(BH):
+        centres, counts, samples = [], [], []
+        slots_k, slots_v, orig = [None] * S, [None] * S, [0] * S
+        mu, mu_s, n_val = 0.0, 0.0, 0
+        labels = []
+        for i in range(M):
+            if not valid[r, i]:
+                labels.append(-1)
+                continue
+            x = k[r, i]
+            lab = next(
+                (c for c, z in enumerate(centres) if float(((x - z) ** 2).sum()) <= delta[r] ** 2),
+                None,
+            )
+            if lab is None:
+                lab = len(centres)
+                centres.append(x)
+                counts.append(0)
+                samples.append([None] * t)
+            counts[lab] += 1
+            n = counts[lab]
+            for j in range(t):
+                if (n <= t and j == n - 1) or (n > t and float(u_clu[r, i, j]) < 1.0 / n):
+                    samples[lab][j] = x
+            w = float((v[r, i] ** 2).sum())
+            mu += w
+            for j in range(S):
+                if n_val < S:
+                    take = j == n_val
+                else:
+                    take = float(u_val[r, i, j]) < w / mu
+                if take:
+                    slots_k[j], slots_v[j], orig[j] = x, v[r, i], int(n_val < S)
+            if n_val < S:
+                mu_s = mu
+            n_val += 1
+            labels.append(lab)
+        out.append((labels, counts, samples, slots_v, orig, mu, mu_s))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# append: reference vs sequential oracle vs kernel
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d,t,S", [(24, 3, 5), (16, 1, 64), (40, 5, 3)])
+def test_append_ref_matches_sequential_oracle(d, t, S):
+    k, v, valid, u_clu, u_val = stream_case(d=d, t=t, S=S, seed=d)
+    delta = torch.tensor([2.0, 2.5, 3.0]) * (d / 24) ** 0.5
+    st = sg.new_state(3, 37 + 8, t, S, d, torch.float32, "cpu")
+    # two calls: the second meets centres opened by the first
+    a = sg.append_ref(k[:, :20], v[:, :20], valid[:, :20], delta, st, u_clu[:, :20], u_val[:, :20])
+    b = sg.append_ref(k[:, 20:], v[:, 20:], valid[:, 20:], delta, st, u_clu[:, 20:], u_val[:, 20:])
+    labels = torch.cat([a, b], 1)
+    oracle = sequential_oracle(k, v, valid, delta.tolist(), t, S, u_clu, u_val)
+    for r, (lab, counts, samples, slots_v, orig, mu, mu_s) in enumerate(oracle):
+        assert labels[r].tolist() == lab
+        C = len(counts)
+        assert int(st["n_clusters"][r]) == C and st["counts"][r, :C].tolist() == counts
+        for c in range(C):
+            for j in range(t):
+                want = samples[c][j]
+                got = st["samples"][r, c, j]
+                assert torch.equal(got, want) if want is not None else not got.any()
+        for j in range(S):
+            want = slots_v[j]
+            assert torch.equal(st["res_v"][r, j], want) if want is not None else True
+        assert st["res_orig"][r].tolist() == orig
+        torch.testing.assert_close(float(st["mu"][r]), mu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(float(st["mu_s"][r]), mu_s, rtol=1e-5, atol=1e-5)
+    assert 1 < int(st["n_clusters"].min())  # the case does cluster, and does open clusters
+    assert int(st["n_clusters"].max()) < 30
+
+
+@needs_triton
+@pytest.mark.parametrize("d,t,S,dtype", [(24, 3, 5, torch.float32), (16, 2, 7, torch.bfloat16)])
+def test_append_triton_matches_ref(d, t, S, dtype):
+    k, v, valid, u_clu, u_val = stream_case(d=d, t=t, S=S, seed=3)
+    k, v = k.to(dtype), v.to(dtype)
+    delta = torch.tensor([2.0, 2.5, 3.0])
+    states = []
+    for fn in (sg.append_ref, sg.append_triton):
+        st = sg.new_state(3, 37 + 8, t, S, d, dtype, "cpu")
+        a = fn(k[:, :20], v[:, :20], valid[:, :20], delta, st, u_clu[:, :20], u_val[:, :20])
+        b = fn(k[:, 20:], v[:, 20:], valid[:, 20:], delta, st, u_clu[:, 20:], u_val[:, 20:])
+        states.append((torch.cat([a, b], 1), st))
+    (la, sa), (lb, sb) = states
+    assert torch.equal(la, lb)
+    for name in sg.STATE_KEYS:
+        torch.testing.assert_close(sa[name], sb[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_append_refuses_too_little_capacity():
+    k, v, valid, u_clu, u_val = stream_case()
+    st = sg.new_state(3, 10, 3, 5, 24, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="capacity"):
+        sg.append_ref(k, v, valid, torch.ones(3), st, u_clu, u_val)
+
+
+# ---------------------------------------------------------------------------------------
+# estimator: kernel vs reference, exact limit, unbiased
+# ---------------------------------------------------------------------------------------
+
+
+def random_state(B, H_kv, C, t, S, d, seed=0):
+    g = gen(seed)
+    st = {
+        "samples": torch.randn(B, H_kv, C, t, d, generator=g),
+        "counts": torch.randint(0, 7, (B, H_kv, C), generator=g).to(torch.int32),
+        "res_k": torch.randn(B, H_kv, S, d, generator=g),
+        "res_v": torch.randn(B, H_kv, S, d, generator=g),
+        "res_orig": (torch.rand(B, H_kv, S, generator=g) > 0.5).to(torch.int8),
+        "mu": torch.rand(B, H_kv, generator=g) * 50,
+        "mu_s": torch.rand(B, H_kv, generator=g) * 20,
+    }
+    st["res_v"][0, 0, 1] = 0  # an unused slot
+    st["mu_s"][-1, -1] = 0
+    return st
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "B,H,H_kv,Q,d,E,C,t,S,masked",
+    [
+        (2, 6, 2, 1, 24, 13, 7, 3, 5, True),  # GQA g=3, odd sizes, padding mask
+        (3, 4, 4, 3, 16, 27, 5, 1, 17, True),  # MHA, multi-query
+        (1, 8, 2, 2, 64, 0, 9, 4, 33, False),  # no exact tokens at all
+    ],
+)
+def test_estimate_triton_matches_ref(B, H, H_kv, Q, d, E, C, t, S, masked):
+    g = gen(E)
+    q = torch.randn(B, H, Q, d, generator=g)
+    ke, ve = torch.randn(B, H_kv, E, d, generator=g), torch.randn(B, H_kv, E, d, generator=g)
+    mask = (torch.rand(B, Q, E, generator=g) > 0.3) if masked else None
+    st = random_state(B, H_kv, C, t, S, d)
+    ref = sg.estimate_attention_ref(q, ke, ve, mask, st, 0.3)
+    tri = sg.estimate_attention_triton(q, ke, ve, mask, st, 0.3)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+def test_estimate_triton_low_precision_and_strided_views():
+    g = gen(5)
+    B, H, H_kv, d, E = 2, 4, 2, 32, 19
+    q = torch.randn(B, H, 1, d, generator=g)
+    kv = torch.randn(B, H_kv, E + 4, 2 * d, generator=g)
+    ke, ve = kv[:, :, 2 : E + 2, :d], kv[:, :, 2 : E + 2, d:]  # strided views
+    st = random_state(B, H_kv, 6, 2, 9, d, seed=5)
+    ref = sg.estimate_attention_ref(q, ke, ve, None, st, 0.2)
+    lo = {n: (x.bfloat16() if x.is_floating_point() and x.dim() > 2 else x) for n, x in st.items()}
+    low_ref = sg.estimate_attention_ref(q.bfloat16(), ke.bfloat16(), ve.bfloat16(), None, lo, 0.2)
+    low_tri = sg.estimate_attention_triton(
+        q.bfloat16(), ke.bfloat16(), ve.bfloat16(), None, lo, 0.2
+    )
+    torch_err = (low_ref.float() - ref).abs().max()
+    assert (low_tri.float() - ref).abs().max() <= 2 * torch_err + 1e-2
+
+
+def stream_all(k, v, delta, t, S, seed, valid=None):
+    """k, v (B, H_kv, n, d) streamed into a fresh (B, H_kv)-shaped state."""
+    B, H, n, d = k.shape
+    st = sg.new_state(B * H, n, t, S, d, k.dtype, "cpu")
+    g = gen(seed)
+    ok = torch.ones(B * H, n, dtype=torch.bool) if valid is None else valid
+    sg.append_ref(
+        k.reshape(B * H, n, d),
+        v.reshape(B * H, n, d),
+        ok,
+        torch.full((B * H,), float(delta)),
+        st,
+        torch.rand(B * H, n, t, generator=g),
+        torch.rand(B * H, n, S, generator=g),
+    )
+    return {name: x.view(B, H, *x.shape[1:]) for name, x in st.items()}
+
+
+def exact_attention(q, k, v, scale):
+    B, H, Q, d = q.shape
+    H_kv = k.shape[1]
+    qg = q.reshape(B, H_kv, (H // H_kv) * Q, d)
+    p = torch.softmax(qg @ k.transpose(-1, -2) * scale, -1)
+    return (p @ v).reshape(B, H, Q, d)
+
+
+def test_exact_when_every_key_is_its_own_cluster_and_every_value_is_kept():
+    g = gen(7)
+    B, H, H_kv, n, d = 2, 6, 2, 50, 16
+    q, k, v = torch.randn(B, H, 2, d, generator=g), blobs(B * H_kv, n, d).view(B, H_kv, n, d), None
+    v = torch.randn(B, H_kv, n, d, generator=g)
+    st = stream_all(k, v, 1e-6, t=1, S=n, seed=0)
+    assert st["n_clusters"].min() == n  # every key its own cluster
+    ke = k.new_zeros(B, H_kv, 0, d)
+    for fn in [sg.estimate_attention_ref] + ([sg.estimate_attention_triton] * CAN_RUN_TRITON):
+        out = fn(q, ke, ke, None, st, d**-0.5)
+        torch.testing.assert_close(out, exact_attention(q, k, v, d**-0.5), rtol=1e-4, atol=1e-5)
+    # and not exact once values are sampled (the test can fail)
+    st = stream_all(k, v, 1e-6, t=1, S=8, seed=0)
+    out = sg.estimate_attention_ref(q, ke, ke, None, st, d**-0.5)
+    assert (out - exact_attention(q, k, v, d**-0.5)).abs().max() > 1e-2
+
+
+def estimator_sums(q, st, scale):
+    """Numerator (B, H, Q, d) and denominator (B, H, Q) of the estimate, unshifted, from
+    the public estimator: a zero-logit exact token with value 0 / value e_j recovers them."""
+    B, H, Q, d = q.shape
+    H_kv = st["samples"].shape[1]
+    # out = N / (Z + 1) with one exact token of logit 0 and value 0 -> two probes give N, Z
+    ke = torch.zeros(B, H_kv, 1, d)
+    o0 = sg.estimate_attention_ref(q.double(), ke.double(), ke.double(), None, dbl(st), scale)
+    big = torch.zeros(B, H_kv, 1, d, dtype=torch.float64)
+    big[..., 0] = 1.0
+    o1 = sg.estimate_attention_ref(q.double(), ke.double(), big, None, dbl(st), scale)
+    inv = o1[..., 0] - o0[..., 0]  # = 1 / (Z + 1)
+    Z = 1.0 / inv - 1.0
+    N = o0 / inv[..., None]
+    return N, Z
+
+
+def dbl(st):
+    return {n: (x.double() if x.is_floating_point() else x) for n, x in st.items()}
+
+
+def test_estimator_is_unbiased_on_clustered_keys():
+    g = gen(11)
+    B, H, H_kv, n, d, t, S = 1, 2, 1, 120, 8, 2, 10
+    k = blobs(1, n, d, n_centres=5, spread=0.2, seed=11).view(B, H_kv, n, d) * 0.5
+    k[:, :, ::15] = torch.randn(B, H_kv, n // 15, d, generator=g) * 2  # singletons
+    v = torch.randn(B, H_kv, n, d, generator=g) * torch.rand(B, H_kv, n, 1, generator=g) * 2
+    q = torch.randn(B, H, 1, d, generator=g) * 0.5
+    scale = d**-0.5
+    qg = q.double().reshape(B, H_kv, H // H_kv, d)
+    e = torch.exp(qg @ k.double().transpose(-1, -2) * scale)
+    N_true = (e @ v.double()).reshape(B, H, 1, d)
+    Z_true = e.sum(-1).reshape(B, H, 1)
+    sizes = None
+    Ns, Zs = [], []
+    for seed in range(300):
+        st = stream_all(k, v, 1.5, t, S, seed)
+        if sizes is None:
+            sizes = st["counts"][st["counts"] > 0]
+        N, Z = estimator_sums(q, st, scale)
+        Ns.append(N)
+        Zs.append(Z)
+    # the case mixes clusters of at most t members (exact) and bigger ones (sampled)
+    assert int(sizes.min()) <= t < int(sizes.max()) and len(sizes) < n / 4
+    N_all, Z_all = torch.stack(Ns), torch.stack(Zs)
+    one_N = (N_all[0] - N_true).norm() / N_true.norm()
+    mean_N = (N_all.mean(0) - N_true).norm() / N_true.norm()
+    one_Z = ((Z_all[0] - Z_true).abs() / Z_true).max()
+    mean_Z = ((Z_all.mean(0) - Z_true).abs() / Z_true).max()
+    assert one_Z > 1e-3 and one_N > 0.05  # single estimates are noisy...
+    # ...their mean converges like 1/sqrt(seeds): 300 seeds ~ 1/17 of one estimate's error
+    assert mean_Z < 0.01 and mean_N < 0.2 and mean_N < one_N / 8
+    # the mean output approaches exact attention as well (ratio: biased at O(1/s))
+    out = N_all.mean(0) / Z_all.mean(0)[..., None]
+    torch.testing.assert_close(out, N_true / Z_true[..., None], rtol=0.1, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------
+# cache layer
+# ---------------------------------------------------------------------------------------
+
+
+def test_layer_settings_rejected():
+    for kw, match in [
+        ({"delta": 0.0}, "radius"),
+        ({"delta": -1.0}, "radius"),
+        ({"delta_rel": 0}, "radius"),
+        ({"delta": 1.0, "s": 0}, "s must be"),
+        ({"delta": 1.0, "t": 0}, "t must be"),
+        ({"delta": 1.0, "window": 0}, "window"),
+        ({}, "exactly one"),
+        ({"delta": 1.0, "delta_rel": 0.5}, "exactly one"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SubGenLayer(**kw)
+    block = {"layers": [{"delta": 1.0, "t": 4, "s": 0}], "sinks": 4, "window": 8, "seed": 0}
+    with pytest.raises(ValueError, match=r"layers\[0\]\.s must be an int >= 1"):
+        kvs_subgen.validate(block, 1)
+    block = {"layers": [{"delta": [1.0, -2.0], "t": 4, "s": 8}], "sinks": 4, "window": 8, "seed": 0}
+    with pytest.raises(ValueError, match=r"layers\[0\]\.delta must be > 0"):
+        kvs_subgen.validate(block, 1)
+    block = {"layers": [{"t": 4, "s": 8}], "sinks": 4, "window": 8, "seed": 0}
+    with pytest.raises(ValueError, match="no delta"):
+        kvs_subgen.validate(block, 1)
+
+
+def test_recipe_errors_before_model_load(tmp_path):
+    from click.testing import CliRunner
+
+    from kvsurgery.cli import main
+    from kvsurgery.recipes import RecipeError, recipe_from_dict
+
+    for bad, key in [({"delta": 0}, "delta"), ({"s": 0}, "s"), ({"t": -1}, "t"),
+                     ({"target_ratio": 0.01}, "target_ratio"), ({"window": 9000}, "target_context"),
+                     ({"s_choices": []}, "s_choices")]:  # fmt: skip
+        with pytest.raises(RecipeError, match=f"^{key}:"):
+            recipe_from_dict({"method": "subgen", **bad})
+    res = CliRunner().invoke(
+        main,
+        ["calibrate", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "c"),
+         "--recipe", "recipes/subgen.yaml", "--set", "s=0"],
+    )  # fmt: skip
+    assert res.exit_code != 0
+    assert "s: must be >= 1" in res.output and "no-such-model" not in res.output
+
+
+def test_layer_multi_query_steps_and_padding_match_exact_limit():
+    """Lossless limit: chunked steps longer than the window, padding, GQA, batch 2."""
+    g = gen(2)
+    B, H, H_kv, d = 2, 4, 2, 16
+    T = 40
+    k, v = torch.randn(B, H_kv, T, d, generator=g), torch.randn(B, H_kv, T, d, generator=g)
+    q = torch.randn(B, H, T, d, generator=g)
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[0, :5] = False  # row 0 left-padded
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    full_mask = causal[None] & pad[:, None, :]  # (B, T, T)
+    ref = exact_attention_masked(q, k, v, full_mask, d**-0.5)
+    layer = SubGenLayer(delta=1e-6, t=1, s=T, sinks=2, window=4)
+    outs = []
+    for a, b in [(0, 12), (12, 13), (13, 25), (25, 26), (26, 40)]:  # prefill, 1, 12, 1, 14
+        layer.update(k[:, :, a:b], v[:, :, a:b])
+        if a == 0:
+            continue  # prefill attention is dense SDPA in the model
+        m = full_mask[:, a:b, :b][:, None]
+        outs.append(layer.attend(q[:, :, a:b], m, d**-0.5).transpose(1, 2))
+    torch.testing.assert_close(torch.cat(outs, 2), ref[:, :, 12:], rtol=1e-4, atol=1e-5)
+    assert layer.n_comp == 40 - 14 - 2  # streamed only tokens older than each step
+    assert layer.n_val.tolist() == [[layer.n_comp - 3] * 2, [layer.n_comp] * 2]  # no padding
+
+
+def exact_attention_masked(q, k, v, mask, scale):
+    B, H, Q, d = q.shape
+    H_kv = k.shape[1]
+    kk = k.repeat_interleave(H // H_kv, 1)
+    vv = v.repeat_interleave(H // H_kv, 1)
+    s = (q @ kk.transpose(-1, -2) * scale).masked_fill(~mask[:, None], float("-inf"))
+    return torch.softmax(s, -1) @ vv
+
+
+def test_layer_crop_reorder_reset_and_memory():
+    g = gen(4)
+    k, v = torch.randn(3, 2, 30, 16, generator=g), torch.randn(3, 2, 30, 16, generator=g)
+    layer = SubGenLayer(delta=2.0, t=2, s=4, sinks=2, window=6)
+    layer.update(k[:, :, :29], v[:, :, :29])
+    q = torch.randn(3, 4, 1, 16, generator=g)
+    layer.update(k[:, :, 29:], v[:, :, 29:])
+    layer.attend(q, None, 0.25)
+    assert layer.n_comp == 30 - 6 - 2 and layer.get_seq_length() == 30
+    layer.crop(-3)  # within the window: fine
+    assert layer.get_seq_length() == 27 and layer.win_k.shape[2] == 3
+    with pytest.raises(ValueError, match="cannot crop"):
+        layer.crop(-5)  # into streamed tokens: refused
+    before = {n: getattr(layer, n).clone() for n in layer._tensors()}
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    for n, x in before.items():
+        assert torch.equal(getattr(layer, n), x[[2, 0, 1]]), n
+    assert layer.nbytes() == sum(getattr(layer, n).untyped_storage().nbytes() for n in before)
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.nbytes() == 0
+
+
+def test_memory_grows_sublinearly_on_clustered_keys_and_is_seeded():
+    d = 16
+    sizes = {}
+    for n in (400, 1600):
+        layer = SubGenLayer(delta=2.0, t=2, s=16, sinks=2, window=8, seed=3)
+        k = blobs(2, n, d, n_centres=12, spread=0.2, seed=1).view(1, 2, n, d)
+        v = torch.randn(1, 2, n, d, generator=gen(1))
+        layer.update(k, v)
+        layer.update(k[:, :, :1], v[:, :, :1])
+        out = layer.attend(torch.randn(1, 4, 1, d, generator=gen(0)), None, 0.25)
+        sizes[n] = layer.nbytes()
+        assert int(layer.n_clusters.max()) <= 12
+    assert sizes[1600] < 1.2 * sizes[400]  # 4x the tokens, clusters saturate
+    again = SubGenLayer(delta=2.0, t=2, s=16, sinks=2, window=8, seed=3)
+    again.update(k, v)
+    again.update(k[:, :, :1], v[:, :, :1])
+    same = again.attend(torch.randn(1, 4, 1, d, generator=gen(0)), None, 0.25)
+    assert torch.equal(same, out) and torch.equal(again.res_v, layer.res_v)
+    other = SubGenLayer(delta=2.0, t=2, s=16, sinks=2, window=8, seed=4)
+    other.update(k, v)
+    other.update(k[:, :, :1], v[:, :, :1])
+    other.attend(torch.randn(1, 4, 1, d, generator=gen(0)), None, 0.25)
+    assert not torch.equal(other.res_v, layer.res_v)
+
+
+# ---------------------------------------------------------------------------------------
+# generation with a tiny Llama
+# ---------------------------------------------------------------------------------------
+
+
+def route(model):
+    kvs_attention.register()
+    for mod in kvs_attention.attention_modules(model):
+        if not getattr(mod, "_kvs_hooked", False):
+            mod.register_forward_pre_hook(kvs_attention._stash_cache, with_kwargs=True)
+            mod._kvs_hooked = True
+    model.set_attn_implementation(kvs_attention.ATTN_NAME)
+
+
+def test_generate_with_padding_batch_beams(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    x = torch.randint(3, 300, (2, 40), generator=gen(0))
+    mask = torch.ones_like(x)
+    x[0, :7], mask[0, :7] = 2, 0  # row 0 left-padded
+    dense = model.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    beams = model.generate(x[1:], max_new_tokens=8, num_beams=3, do_sample=False)
+    route(model)
+    lossless = dict(delta=1e-4, t=1, s=4096, sinks=2, window=8)
+    cache = KVSurgeryCache([SubGenLayer(**lossless) for _ in range(2)])
+    out = model.generate(
+        x, attention_mask=mask, max_new_tokens=12, do_sample=False, past_key_values=cache
+    )
+    assert torch.equal(out, dense)
+    layer = cache.layers[0]
+    assert layer.n_comp == 40 + 11 - 8 - 2  # streamed up to the window
+    assert layer.n_val[:, 0].tolist() == [layer.n_comp - 5, layer.n_comp]  # padding skipped
+    cache = KVSurgeryCache([SubGenLayer(**lossless) for _ in range(2)])
+    out = model.generate(
+        x[1:], max_new_tokens=8, num_beams=3, do_sample=False, past_key_values=cache
+    )
+    assert torch.equal(out, beams)  # reorder_cache keeps every state tensor together
+    # lossy settings still decode, with less memory than the tokens would take
+    cache = KVSurgeryCache(
+        [SubGenLayer(delta_rel=0.8, t=2, s=8, sinks=2, window=8) for _ in range(2)]
+    )
+    lossy = model.generate(
+        x, attention_mask=mask, max_new_tokens=12, do_sample=False, past_key_values=cache
+    )
+    assert lossy.shape == dense.shape
+    layer = cache.layers[0]
+    assert int(layer.n_clusters.max()) < layer.n_comp  # keys did merge into clusters
+
+
+# ---------------------------------------------------------------------------------------
+# calibration -> export -> fresh process
+# ---------------------------------------------------------------------------------------
+
+RECIPE = {
+    "method": "subgen",
+    "target_ratio": 0.5,
+    "target_context": 256,
+    "t": 2,
+    "s": 16,
+    "sinks": 2,
+    "window": 8,
+    "sim_tokens": 96,
+    "eval_queries": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llama_dir, tmp_path_factory):
+    from kvsurgery.calibrate import calibrate
+    from kvsurgery.models import load_model
+    from kvsurgery.recipes import CalibrationConfig, recipe_from_dict
+
+    tmp = tmp_path_factory.mktemp("subgen")
+    man = calibrate(
+        None,
+        tmp / "cal",
+        recipes=[recipe_from_dict(RECIPE)],
+        settings=CalibrationConfig(samples=2, seq_len=64, max_vectors=2000),
+        loaded=load_model(tiny_llama_dir),
+        progress=False,
+    )
+    return tmp, man
+
+
+def test_calibration_meets_cluster_target_and_reports_error(calibrated):
+    from kvsurgery.recipes import recipe_from_dict
+    from kvsurgery.subgen_calibrate import cluster_budget, runtime_block
+
+    tmp, man = calibrated
+    entry = man["methods"]["subgen"]
+    cfg = recipe_from_dict(RECIPE).config
+    target = cluster_budget(16, cfg) * 96 / (256 - 2 - 8)
+    for spec in entry["layers"]:
+        assert len(spec["delta"]) == 2 and all(x > 0 for x in spec["delta"])  # per kv head
+        assert max(spec["sim_clusters"]) <= target and min(spec["sim_clusters"]) >= 1
+        assert 0 <= spec["attn_rel_err"] < 10
+    block = runtime_block(entry)
+    assert block["layers"][0]["t"] == 2 and block["window"] == 8
+    assert (tmp / "cal" / "subgen" / "result.json").is_file()
+    assert "attn err" in (tmp / "cal" / "report.md").read_text()
+
+
+def test_export_loads_in_fresh_process(calibrated, tiny_llama_dir):
+    from kvsurgery.demo import run_fresh_process
+    from kvsurgery.export import apply_to_model, export
+    from kvsurgery.models import load_model
+    from kvsurgery.runtime.kvs_methods import build_cache
+
+    tmp, _ = calibrated
+    out = export(tmp / "cal", tmp / "exp", method="subgen", loaded=load_model(tiny_llama_dir))
+    assert (out / "kvs_subgen.py").is_file() and (out / "subgen.py").is_file()
+    prompt = " ".join(["the of and to a in is that for"] * 4)
+    res = run_fresh_process(out, prompt, 12)  # kvsurgery blocked in the child
+    assert res["compressed"]["cache_type"] == "KVSurgeryCache"
+    model, tok, _ = load_model(tiny_llama_dir)
+    apply_to_model(model, tmp / "cal", "subgen")
+    model.set_attn_implementation(kvs_attention.ATTN_NAME)
+    ids = tok(prompt, return_tensors="pt")
+    cache = build_cache(model)
+    mine = model.generate(
+        **ids, max_new_tokens=12, do_sample=False, past_key_values=cache, pad_token_id=2
+    )
+    assert isinstance(cache.layers[0], SubGenLayer) and cache.layers[0].n_comp > 0
+    assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()
