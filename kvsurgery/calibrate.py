@@ -77,7 +77,11 @@ def read_manifest(calib_dir: str | Path) -> dict:
 # (returns ``{"manifest": entry, "report": ...}``), ``runtime_block(entry)`` (the method
 # part of the exported config block) and ``load_tensors(calib_dir, entry)`` (``{layer:
 # {buffer name: tensor}}``, the learned tensors the runtime's buffers hold).
-CALIBRATORS = {"kvdict": "kvdict_calibrate"}
+CALIBRATORS = {
+    "kvdict": "kvdict_calibrate",
+    "clusterkv": "clusterkv_calibrate",
+    "subgen": "subgen_calibrate",
+}
 
 
 def method_module(method: str):
@@ -118,6 +122,11 @@ def calibrate(
     if len(set(methods)) != len(methods):
         raise KVSurgeryError(f"two recipes for the same method in {methods}; give one per method.")
     calibrators = {m: _calibrator(m) for m in methods}
+    for m in methods:  # methods that replay attention need the queries
+        if getattr(method_module(m), "NEEDS_QUERIES", False) and not settings.capture_queries:
+            raise KVSurgeryError(
+                f"the {m} calibration needs captured queries; drop capture_queries: false."
+            )
     out.mkdir(parents=True, exist_ok=True)
 
     hf_model, tok, info = (

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from . import kvs_cache, kvs_clusterkv
+from . import kvs_cache, kvs_clusterkv, kvs_subgen
 
-METHODS = {"kvdict": kvs_cache, "clusterkv": kvs_clusterkv}
+METHODS = {"kvdict": kvs_cache, "clusterkv": kvs_clusterkv, "subgen": kvs_subgen}
 
 
 def method_runtime(name):

@@ -17,11 +17,13 @@ import transformers
 from ..kernels.clusterkv import sparse_attention  # noqa: F401
 from ..kernels.kvdict_attention import kvdict_attention  # noqa: F401
 from ..kernels.omp import omp  # noqa: F401
+from ..kernels.subgen import estimate_attention  # noqa: F401
 from .kvs_attention import ATTN_NAME, install, prepare
 from .kvs_cache import KVDictLayer  # noqa: F401
 from .kvs_clusterkv import ClusterKVLayer  # noqa: F401
 from .kvs_layer import CompressedLayer  # noqa: F401
 from .kvs_methods import all_buffers, build_cache
+from .kvs_subgen import SubGenLayer  # noqa: F401
 
 # Written by `kvsurgery export`: the transformers class this checkpoint was exported from.
 BASE_CLASS = "LlamaForCausalLM"
