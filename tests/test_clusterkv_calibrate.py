@@ -11,7 +11,7 @@ from kvsurgery.calibrate import calibrate
 from kvsurgery.clusterkv_recall import allocate, selection_recall
 from kvsurgery.demo import run_fresh_process
 from kvsurgery.errors import KVSurgeryError
-from kvsurgery.export import apply_default, apply_to_model, export
+from kvsurgery.export import apply_default, apply_to_model, export, inspect_checkpoint
 from kvsurgery.models import load_model
 from kvsurgery.recipes import CalibrationConfig, RecipeError, load_recipe, recipe_from_dict
 from kvsurgery.runtime.kvs_attention import ATTN_NAME
@@ -209,6 +209,8 @@ def test_export_round_trip_in_a_fresh_process(calibrated, tiny_llama_dir):
     assert block["method"] == "clusterkv" and block["offload"] is False
     assert [set(p) for p in block["layers"]] == [{"budget", "tokens_per_cluster"}] * 2
     assert "ClusterKV" in (out / "README.md").read_text()
+    report = inspect_checkpoint(out)
+    assert report["loads_compressed"] and not report["problems"], report
     res = run_fresh_process(out, PROMPT, 12)  # kvsurgery blocked in the child
     assert res["compressed"]["cache_type"] == "KVSurgeryCache"
     model, tok, _ = load_model(tiny_llama_dir)
