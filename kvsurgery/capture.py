@@ -118,8 +118,8 @@ def capture_kv(
 
     Keys/values of a token and KV head are sampled together (a row of ``keys`` and the same
     row of ``values`` belong to one token). Writes ``capture/layer_XXX.safetensors`` with
-    ``keys``/``values`` ``(V, d)`` float32, ``heads`` int16, ``positions`` int32 (and
-    ``q_*`` for queries) plus ``capture/progress.json``. ``fingerprint`` identifies the
+    ``keys``/``values`` ``(V, d)`` float32, ``heads`` int16, ``positions`` and ``samples``
+    (window index) int32 (and ``q_*`` for queries) plus ``capture/progress.json``. ``fingerprint`` identifies the
     model+data+settings: a resume with another fingerprint is refused. ``stop_after`` stops
     after that many samples (as an interruption would; used by tests).
     Returns the progress record.
@@ -179,7 +179,10 @@ def capture_kv(
         kr, heads, pos = _rows(k)
         vr, _, _ = _rows(v)
         gen = step_generator(seed, "kv", layer_idx, sample_idx)
-        kv_res[layer_idx].add({"keys": kr, "values": vr, "heads": heads, "positions": pos}, gen)
+        rows = {"keys": kr, "values": vr, "heads": heads, "positions": pos}
+        # the window a row came from: methods that replay attention (ClusterKV) regroup by it
+        rows["samples"] = torch.full_like(pos, sample_idx)
+        kv_res[layer_idx].add(rows, gen)
 
     def record_q(layer_idx, q):
         pending_q[layer_idx] = q
@@ -202,7 +205,9 @@ def capture_kv(
             for layer_idx, q in pending_q.items():
                 qr, heads, pos = _rows(q)
                 gen = step_generator(seed, "q", layer_idx, sample_idx)
-                q_res[layer_idx].add({"queries": qr, "heads": heads, "positions": pos}, gen)
+                rows = {"queries": qr, "heads": heads, "positions": pos}
+                rows["samples"] = torch.full_like(pos, sample_idx)
+                q_res[layer_idx].add(rows, gen)
             pending_q.clear()
             bar.update(1)
             finished = sample_idx + 1

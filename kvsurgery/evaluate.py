@@ -804,7 +804,12 @@ def run_eval(
                 builder = compressed_cache
             elif m.kind == "sink_window":
                 window, matched = m.window, m.matched_to
-                if window is None:
+                budget = states.get(matched, {}).get("token_budget") if matched else None
+                if window is None and budget:
+                    # A method that keeps everything but reads a token budget per step
+                    # (ClusterKV) is compared with a window reading as many tokens.
+                    window = max(1, int(budget) - cfg.n_sink)
+                elif window is None:
                     refs = [c for c in cells if c["method"] == matched and c["context"] == context]
                     refs.sort(key=lambda c: c["task"] != "ppl")  # the ppl cell if there is one
                     ref = refs[0] if refs else None

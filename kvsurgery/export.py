@@ -232,18 +232,24 @@ def model_card(
     )
     layers = block["layers"]
     comp = [p for p in layers if not p.get("dense")]
-    mean_sk = sum(p["s_k"] for p in comp) / max(len(comp), 1)
-    mean_sv = sum(p["s_v"] for p in comp) / max(len(comp), 1)
+    mod = method_module(block["method"])
+    if hasattr(mod, "card_sections"):  # a method describing itself: (about, settings rows)
+        about, rows = mod.card_sections(block, info, __version__)
+    else:
+        about, rows = _kvdict_card(block, info, comp)
+    cal = block["calibration"]
+    if cal:
+        rows += (
+            f"\n| calibration data | {cal['data']['name']} ({cal['data']['samples']} × "
+            f"{cal['data']['seq_len']} tokens) |"
+        )
     text = f"""---
 {data.to_yaml()}
 ---
 
 # {block["method"]} compressed KV cache for {info.base_model or info.source}
 
-This checkpoint is `{info.base_model or info.source}` with a **KV-Dict** compressed KV cache
-(sparse codes over per-layer dictionaries, arXiv 2412.08890), produced by kvsurgery
-{__version__}. The weights are unchanged; the checkpoint adds one key and one value
-dictionary per layer and the runtime code that decodes with them.
+{about}
 
 **Load it with `trust_remote_code=True`.** Without it, transformers silently loads the
 plain base model (the dictionaries are reported as unexpected weights) and compression is
@@ -258,10 +264,7 @@ off. `kvsurgery inspect <folder>` tells what a checkpoint holds and how it will 
 | | value |
 |---|---|
 | compressed layers | {len(comp)} of {len(layers)} |
-| mean non-zeros per key / value | {mean_sk:.2f} / {mean_sv:.2f} |
-| exact sinks / recent buffer | {block["sinks"]} / {block["buffer"]} tokens |
-| compressed-token bytes vs fp16 | {block["code_bytes_ratio"]:.1%} |
-| calibration data | {block["calibration"]["data"]["name"]} ({block["calibration"]["data"]["samples"]} × {block["calibration"]["data"]["seq_len"]} tokens) |
+{rows}
 
 ## Measured quality and memory
 
@@ -269,6 +272,19 @@ off. `kvsurgery inspect <folder>` tells what a checkpoint holds and how it will 
 """
     ModelCard(text)  # parses the metadata block: a malformed card fails here, not on the Hub
     return text
+
+
+def _kvdict_card(block: dict, info, comp: list) -> tuple[str, str]:
+    mean_sk = sum(p["s_k"] for p in comp) / max(len(comp), 1)
+    mean_sv = sum(p["s_v"] for p in comp) / max(len(comp), 1)
+    about = f"""This checkpoint is `{info.base_model or info.source}` with a **KV-Dict** compressed KV cache
+(sparse codes over per-layer dictionaries, arXiv 2412.08890), produced by kvsurgery
+{__version__}. The weights are unchanged; the checkpoint adds one key and one value
+dictionary per layer and the runtime code that decodes with them."""
+    rows = f"""| mean non-zeros per key / value | {mean_sk:.2f} / {mean_sv:.2f} |
+| exact sinks / recent buffer | {block["sinks"]} / {block["buffer"]} tokens |
+| compressed-token bytes vs fp16 | {block["code_bytes_ratio"]:.1%} |"""
+    return about, rows
 
 
 def inspect_checkpoint(folder: str | Path) -> dict:
@@ -308,10 +324,14 @@ def inspect_checkpoint(folder: str | Path) -> dict:
     report["compressed_layers"] = sum(1 for p in layers if not p.get("dense"))
     report["code_bytes_ratio"] = block.get("code_bytes_ratio")
     weight_keys = _weight_keys(folder)
+    from .runtime.kvs_methods import METHODS as RUNTIMES
+
+    runtime = RUNTIMES.get(block.get("method"))
+    buffers = runtime.BUFFERS if runtime is not None else ()  # ClusterKV stores none
     need = []
     for i, p in enumerate(layers):
         if not p.get("dense"):
-            need += [f".layers.{i}.self_attn.kvsurgery_dk", f".layers.{i}.self_attn.kvsurgery_dv"]
+            need += [f".layers.{i}.self_attn.{b}" for b in buffers]
     missing = [n for n in need if not any(k.endswith(n) for k in weight_keys)]
     if missing:
         report["problems"].append(f"{len(missing)} dictionary tensors missing, e.g. {missing[0]}")
