@@ -77,6 +77,10 @@ def read_manifest(calib_dir: str | Path) -> dict:
 # (returns ``{"manifest": entry, "report": ...}``), ``runtime_block(entry)`` (the method
 # part of the exported config block) and ``load_tensors(calib_dir, entry)`` (``{layer:
 # {buffer name: tensor}}``, the learned tensors the runtime's buffers hold).
+# Version of the capture files: a capture written by another format (e.g. before rows
+# recorded their window) is refused on resume instead of failing half-way.
+CAPTURE_FORMAT = 2
+
 CALIBRATORS = {
     "kvdict": "kvdict_calibrate",
     "clusterkv": "clusterkv_calibrate",
@@ -149,6 +153,7 @@ def calibrate(
                 settings.max_vectors,
                 settings.seed,
                 settings.capture_queries,
+                CAPTURE_FORMAT,
             ],
             sort_keys=True,
         ).encode()

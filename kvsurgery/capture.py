@@ -137,7 +137,8 @@ def capture_kv(
         prog = json.loads(prog_path.read_text())
         if prog.get("fingerprint") != fingerprint:
             raise KVSurgeryError(
-                f"{out} holds a capture of another model, data or settings "
+                f"{out} holds a capture of another model, data, settings or kvsurgery "
+                "capture format "
                 f"({prog.get('fingerprint')} vs {fingerprint}); use a new --out folder or "
                 "delete that one."
             )

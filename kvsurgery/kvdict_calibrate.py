@@ -45,7 +45,8 @@ def _recipe_hash(recipe: Recipe) -> str:
     learning = {k: d.get(k) for k in _LEARNING_FIELDS}
     layers = d.get("layers") or {}
     learning["layers"] = {
-        sel: {k: v for k, v in over.items() if k in _LEARNING_FIELDS} for sel, over in layers.items()
+        sel: {k: v for k, v in over.items() if k in _LEARNING_FIELDS}
+        for sel, over in layers.items()
     }
     return hashlib.sha256(json.dumps(learning, sort_keys=True).encode()).hexdigest()[:16]
 

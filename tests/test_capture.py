@@ -117,7 +117,7 @@ def test_resume_refuses_other_settings(tiny_llama_dir, tmp_path):
         stop_after=1,
         progress=False,
     )
-    with pytest.raises(KVSurgeryError, match="holds a capture of another model, data or settings"):
+    with pytest.raises(KVSurgeryError, match="holds a capture of another model, data, settings"):
         calibrate(
             None,
             tmp_path,
