@@ -122,12 +122,7 @@ class KVDictLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         self.last_had_past = self.seen > 0
         self.seen += key_states.shape[2]
-        k, v = key_states, value_states
-        room = self.sinks - self.sink_k.shape[2]
-        if room > 0:
-            self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
-            self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
-            k, v = k[:, :, room:], v[:, :, room:]
+        k, v = self._take_sinks(key_states, value_states)
         self.buf_k = torch.cat([self.buf_k, k], dim=2)
         self.buf_v = torch.cat([self.buf_v, v], dim=2)
         n_buf = self.buf_k.shape[2]

@@ -249,16 +249,6 @@ class ClusterKVLayer(CompressedLayer):
             self._cluster_segment(t0, t0 + self.append_every, valid, lambda m: min(k, m))
 
     # -- attention --------------------------------------------------------------------
-    def _valid_mask(self, attention_mask, q_len: int, device) -> torch.Tensor:
-        """Bool ``(B, Q, seen)``, True = attend, from the 4-D mask (or causal if None)."""
-        b = self._k.shape[0]
-        if attention_mask is None:
-            q_pos = torch.arange(self.seen - q_len, self.seen, device=device)
-            allowed = torch.arange(self.seen, device=device)[None, :] <= q_pos[:, None]
-            return allowed[None].expand(b, q_len, self.seen)
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
-        return attention_mask[:, 0, :, -self.seen :].expand(b, q_len, self.seen)
 
     def select_budget(self, pos: int | None = None) -> int:
         """Cluster members a query at ``pos`` may select: ``budget`` less its pending tokens."""
@@ -387,7 +377,7 @@ class ClusterKVLayer(CompressedLayer):
         budgeted selection; longer steps are exact. Returns ``(B, Q, H, d)``.
         """
         q_len = query.shape[2]
-        allowed = self._valid_mask(attention_mask, q_len, query.device)
+        allowed = self._valid_mask(attention_mask, q_len, self._k.shape[0], query.device)
         if q_len > SPARSE_CHUNK:
             return self._dense(query, allowed, scaling)
         first = self.seen - q_len

@@ -4,6 +4,7 @@ cached, in position order, so mask column j is token j). Copied flat into export
 
 from __future__ import annotations
 
+import torch
 from transformers.cache_utils import CacheLayerMixin
 
 
@@ -48,3 +49,24 @@ class CompressedLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices):
         self._map_batch(lambda t: t[indices])
+
+    # -- helpers of layers that keep exact sinks and read the attention mask ---------------
+    def _take_sinks(self, k, v):
+        """Append the first new tokens to ``sink_k/sink_v`` until ``self.sinks`` are held;
+        return the rest of ``k, v``."""
+        room = self.sinks - self.sink_k.shape[2]
+        if room > 0:
+            self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
+            k, v = k[:, :, room:], v[:, :, room:]
+        return k, v
+
+    def _valid_mask(self, attention_mask, q_len: int, batch: int, device) -> torch.Tensor:
+        """Bool ``(B, Q, seen)``, True = attend, from the 4-D mask (or causal if None)."""
+        if attention_mask is None:
+            q_pos = torch.arange(self.seen - q_len, self.seen, device=device)
+            allowed = torch.arange(self.seen, device=device)[None, :] <= q_pos[:, None]
+            return allowed[None].expand(batch, q_len, self.seen)
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
+        return attention_mask[:, 0, :, -self.seen :].expand(batch, q_len, self.seen)

@@ -133,12 +133,7 @@ class SubGenLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         self.last_had_past = self.seen > 0
         self.seen += key_states.shape[2]
-        k, v = key_states, value_states
-        room = self.sinks - self.sink_k.shape[2]
-        if room > 0:
-            self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
-            self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
-            k, v = k[:, :, room:], v[:, :, room:]
+        k, v = self._take_sinks(key_states, value_states)
         self.win_k = torch.cat([self.win_k, k], dim=2)
         self.win_v = torch.cat([self.win_v, v], dim=2)
         return key_states, value_states
@@ -180,17 +175,6 @@ class SubGenLayer(CompressedLayer):
         if cap - used >= CLUSTER_BLOCK:
             self._resize_clusters(used)
 
-    def _valid_mask(self, attention_mask, q_len: int, device) -> torch.Tensor:
-        """Bool ``(B, Q, seen)``, True = attend, from the 4-D mask (or causal if None)."""
-        b = self.win_k.shape[0]
-        if attention_mask is None:
-            q_pos = torch.arange(self.seen - q_len, self.seen, device=device)
-            allowed = torch.arange(self.seen, device=device)[None, :] <= q_pos[:, None]
-            return allowed[None].expand(b, q_len, self.seen)
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
-        return attention_mask[:, 0, :, -self.seen :].expand(b, q_len, self.seen)
-
     def attend(self, query, attention_mask, scaling):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
 
@@ -198,7 +182,7 @@ class SubGenLayer(CompressedLayer):
         None (then causal). Returns ``(B, Q, H, d)``.
         """
         q_len = query.shape[2]
-        allowed = self._valid_mask(attention_mask, q_len, query.device)
+        allowed = self._valid_mask(attention_mask, q_len, self.win_k.shape[0], query.device)
         n_s = self.sink_k.shape[2]
         start = n_s + self.n_comp
         # stream what left the window, but never a token of this step (see module doc)
