@@ -151,6 +151,7 @@ def kvdict_attention_ref(
     comp_mask: torch.Tensor | None = None,
     exact_mask: torch.Tensor | None = None,
     upcast: bool = True,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference KV-Dict attention for any number of queries.
 
@@ -165,6 +166,8 @@ def kvdict_attention_ref(
         exact_mask: ``(B, Q, E)`` (or ``(B, E)``) bool; causality among the new tokens
             of a multi-token step is the caller's job, through this mask.
         upcast: compute in fp32 (else in q's dtype).
+        softcap: attention logit softcapping (Gemma2): scores become
+            ``softcap * tanh(scores / softcap)`` before the softmax.
 
     Returns:
         ``(B, H, Q, d)`` in q's dtype; rows with every token masked are zeros.
@@ -199,6 +202,8 @@ def kvdict_attention_ref(
     sc = torch.cat(parts, -1) if parts else u.new_zeros(B, H_kv, R, 0)
     sc = sc * scale
     se = (qg @ k_exact.to(cdt).transpose(-1, -2)) * scale  # (B, H_kv, R, E)
+    if softcap:
+        sc, se = softcap * torch.tanh(sc / softcap), softcap * torch.tanh(se / softcap)
 
     neg = float("-inf")
     if cmask is not None:
@@ -927,12 +932,19 @@ def kvdict_attention(
     scale: float,
     comp_mask: torch.Tensor | None = None,
     exact_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """KV-Dict attention: the Triton decode kernel on CUDA for ``Q == 1``, else the reference.
+    """KV-Dict attention: the Triton decode kernel on CUDA for ``Q == 1``, else the reference
+    (also for logit softcapping, which the kernel does not implement yet).
 
     Shapes as :func:`kvdict_attention_ref`; masks may be ``(B, Q, X)`` or ``(B, X)``.
     Returns ``(B, H, Q, d)`` in q's dtype.
     """
+    if softcap:
+        return kvdict_attention_ref(
+            q, Dk, Dv, k_idx, k_coef, v_idx, v_coef, k_exact, v_exact, scale, comp_mask,
+            exact_mask, softcap=softcap,
+        )  # fmt: skip
     if _HAS_TRITON and q.is_cuda and q.shape[2] == 1:
         return kvdict_decode_triton(
             q, Dk, Dv, k_idx, k_coef, v_idx, v_coef, k_exact, v_exact, scale, comp_mask, exact_mask

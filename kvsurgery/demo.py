@@ -22,12 +22,15 @@ class _Block(importlib.abc.MetaPathFinder):
             raise ImportError("kvsurgery is blocked in this process")
 sys.meta_path.insert(0, _Block())
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 folder, prompt, n_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
+text_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=True).get_text_config(decoder=True)
+# SDPA cannot cap attention logits (Gemma2): the dense reference is then eager attention
+dense = "eager" if getattr(text_cfg, "attn_logit_softcapping", None) else "sdpa"
 tok = AutoTokenizer.from_pretrained(folder)
 ids = tok(prompt, return_tensors="pt")
 out = {}
-for name, kw in (("compressed", {}), ("dense", {"attn_implementation": "sdpa"})):
+for name, kw in (("compressed", {}), ("dense", {"attn_implementation": dense})):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kw)
     gen = model.generate(**ids, max_new_tokens=n_new, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=tok.pad_token_id)

@@ -299,7 +299,10 @@ class _Attention:
             _register_compressed(self.model)
             self.model.set_attn_implementation("kvsurgery")
         elif self.before == "kvsurgery":
-            self.model.set_attn_implementation("sdpa")
+            cfg = self.model.config.get_text_config(decoder=True)
+            # SDPA cannot cap attention logits (Gemma2): eager attention there
+            dense = "eager" if getattr(cfg, "attn_logit_softcapping", None) else "sdpa"
+            self.model.set_attn_implementation(dense)
 
     def __exit__(self, *exc):
         if self.model.config._attn_implementation != self.before:

@@ -94,7 +94,7 @@ def apply_to_model(model, calib_dir, method: str = "kvdict") -> dict:
 
     manifest = read_manifest(calib_dir)
     block = build_block(manifest, method)
-    _refuse_softcapping(model)
+    _refuse_softcapping(model, method)
     dims = model_dims(model.config)
     if dims != manifest["dims"]:
         raise KVSurgeryError(
@@ -127,17 +127,20 @@ def apply_default(model, method: str, recipe=None) -> dict:
         "recipe": recipe.to_dict(),
         "calibration": None,
     }
-    _refuse_softcapping(model)
+    _refuse_softcapping(model, method)
     install(model, block, {})
     return block
 
 
-def _refuse_softcapping(model) -> None:
+def _refuse_softcapping(model, method: str) -> None:
+    from .runtime.kvs_methods import method_runtime
+
     cap = getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None)
-    if cap:
+    if cap and not getattr(method_runtime(method), "SUPPORTS_SOFTCAP", False):
         raise KVSurgeryError(
             f"{type(model).__name__} uses attention logit softcapping ({cap}), which the "
-            "compressed decode kernels do not implement yet; its compressed outputs would be wrong."
+            f"{method} decode path does not implement yet (KV-Dict does); its compressed "
+            "outputs would be wrong."
         )
 
 
@@ -257,7 +260,8 @@ off. `kvsurgery inspect <folder>` tells what a checkpoint holds and how it will 
 
 {LOAD_SNIPPET.format(repo=repo)}
 
-`attn_implementation="sdpa"` or an explicit `past_key_values` turns compression off.
+`attn_implementation="sdpa"` (`"eager"` for models with logit softcapping, e.g. Gemma2) or
+an explicit `past_key_values` turns compression off.
 
 ## Settings
 

@@ -366,7 +366,7 @@ def test_hub_download_loads_like_local_folder(exported, tmp_path):
     assert hub_tokens == local.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist()
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_export_other_architectures(tiny_dirs, tmp_path, arch):
     folder = tiny_dirs(arch)
     out = make_export(folder, tmp_path, arch)
@@ -375,6 +375,9 @@ def test_export_other_architectures(tiny_dirs, tmp_path, arch):
     assert res["compressed"]["tokens"] == in_process_tokens(folder, tmp_path / "cal", n=12)
 
 
-def test_gemma2_softcapping_refused_clearly(tiny_dirs, tmp_path):
+def test_softcapping_refused_by_methods_without_it(tiny_dirs):
+    from kvsurgery.export import apply_default
+
+    model, _, _ = load_model(tiny_dirs("gemma2"))
     with pytest.raises(KVSurgeryError, match="softcapping"):
-        make_export(tiny_dirs("gemma2"), tmp_path, "gemma2")
+        apply_default(model, "clusterkv")

@@ -178,3 +178,27 @@ def test_sdpa_or_explicit_dense_cache_turns_compression_off(model):
         x, max_new_tokens=10, do_sample=False, past_key_values=DynamicCache(config=model.config)
     )
     assert torch.equal(out, dense)
+
+
+def test_gemma2_softcapping_lossless_limit_equals_eager(tiny_dirs):
+    """Gemma2 caps attention logits: the compressed path (decode over codes, dense prefill and
+    sliding layers without SDPA) must cap them too, or greedy tokens drift."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dirs("gemma2"), attn_implementation="eager"
+    ).eval()
+    assert model.config.attn_logit_softcapping
+    model.config.attn_logit_softcapping = 2.0
+    with torch.no_grad():  # random weights give scores near 0: make them large enough to cap
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+            layer.self_attn.k_proj.weight.mul_(40)
+    x = ids(b=2, t=40)
+    dense = model.generate(x, max_new_tokens=16, do_sample=False)
+    d, n = model.config.head_dim, model.config.num_hidden_layers
+    blk = block(d, n_atoms=d, layers=n)
+    install_kvdict(model, blk, {i: (torch.eye(d), torch.eye(d)) for i in range(n)})
+    model.set_attn_implementation(ATTN_NAME)
+    cache = build_cache(model)
+    out = model.generate(x, max_new_tokens=16, do_sample=False, past_key_values=cache)
+    assert torch.equal(out, dense)
+    assert any(getattr(layer, "n_comp", 0) > 0 for layer in cache.layers)  # codes were read

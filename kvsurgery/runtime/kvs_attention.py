@@ -10,6 +10,7 @@ This file is copied flat into exported checkpoints.
 
 from __future__ import annotations
 
+import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -32,13 +33,40 @@ def kvsurgery_attention(module, query, key, value, attention_mask, scaling=None,
         layer = cache.layers[module.layer_idx]
     # Any compressed layer (KV-Dict, ClusterKV, ...) attends over its own state once it
     # holds a past; dense and sliding-window layers go to SDPA.
+    softcap = kwargs.get("softcap")
     if getattr(layer, "last_had_past", False) and hasattr(layer, "attend"):
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        return layer.attend(query, attention_mask, scaling), None
+        extra = {"softcap": softcap} if softcap else {}  # only layers that support it get it
+        return layer.attend(query, attention_mask, scaling, **extra), None
+    if softcap:  # SDPA cannot softcap logits (Gemma2): plain attention instead
+        return _dense_softcap(query, key, value, attention_mask, scaling, softcap), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, **kwargs
     )
+
+
+def _dense_softcap(query, key, value, attention_mask, scaling, softcap):
+    """Dense attention with logit softcapping; ``attention_mask`` as the sdpa mask function
+    builds it (bool, True = attend) or None (causal). Returns ``(B, Q, H, d)``."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    g = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(g, dim=1)
+    v = value.repeat_interleave(g, dim=1)
+    w = (query.float() @ k.float().transpose(-1, -2)) * scaling
+    w = softcap * torch.tanh(w / softcap)
+    q_len, k_len = w.shape[-2], w.shape[-1]
+    if attention_mask is None:
+        q_pos = torch.arange(k_len - q_len, k_len, device=w.device)
+        attention_mask = torch.arange(k_len, device=w.device)[None, :] <= q_pos[:, None]
+    elif attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
+    else:
+        attention_mask = attention_mask[..., :k_len]
+    w = w.masked_fill(~attention_mask, float("-inf"))
+    p = torch.softmax(w, dim=-1).nan_to_num(0.0)  # fully masked rows (padding) give zeros
+    return (p @ v.float()).to(query.dtype).transpose(1, 2).contiguous()
 
 
 def register() -> None:

@@ -133,11 +133,11 @@ class KVDictLayer(CompressedLayer):
             self.buf_v = self.buf_v[:, :, n_out:].clone()
         return key_states, value_states
 
-    def attend(self, query, attention_mask, scaling):
+    def attend(self, query, attention_mask, scaling, softcap=None):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
 
         ``attention_mask``: bool ``(B, 1, Q, seen)`` (True = attend) or None (then causal).
-        Returns ``(B, Q, H, d)``.
+        ``softcap``: attention logit softcapping (Gemma2). Returns ``(B, Q, H, d)``.
         """
         b, _, q_len, _ = query.shape
         n_s, n_c = self.sink_k.shape[2], self.n_comp
@@ -167,6 +167,7 @@ class KVDictLayer(CompressedLayer):
             scaling,
             comp_mask=comp_mask,
             exact_mask=exact_mask,
+            softcap=softcap,
         )
         return out.transpose(1, 2).contiguous()
 
@@ -201,6 +202,7 @@ class KVDictLayer(CompressedLayer):
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
 BUFFERS = ("kvsurgery_dk", "kvsurgery_dv")
+SUPPORTS_SOFTCAP = True  # attend() applies attention logit softcapping (Gemma2)
 
 
 def _positive_int(value, where: str, minimum: int = 1) -> None:
