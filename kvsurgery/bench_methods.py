@@ -356,7 +356,7 @@ def _subgen_reference(state: State, q):
     from .kernels.subgen import STATE_KEYS, estimate_attention_ref
 
     layer = state.obj
-    allowed = layer._valid_mask(None, 1, q.device)
+    allowed = layer._valid_mask(None, 1, layer.win_k.shape[0], q.device)
     n_s, start = layer.sink_k.shape[2], layer.sink_k.shape[2] + layer.n_comp
     mask = torch.cat([allowed[:, :, :n_s], allowed[:, :, start:]], dim=-1)
     out = estimate_attention_ref(
