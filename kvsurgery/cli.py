@@ -271,8 +271,10 @@ def generate(model, prompt, max_new_tokens):
     default=None,
     help="KV-Dict recipe (default: recipes/kvdict.yaml, or the built-in defaults).",
 )
-@click.option("--samples", type=int, default=8, show_default=True)
-@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--samples", type=int, default=None, help="Text windows (default: the recipe's).")
+@click.option(
+    "--seq-len", type=int, default=None, help="Tokens per window (default: the recipe's)."
+)
 def demo(model, out, recipe, samples, seq_len):
     """End to end on one model: calibrate -> export -> from_pretrained in a fresh process -> generate."""
     from .demo import run_demo

@@ -101,20 +101,22 @@ def run_demo(
     out: str | Path,
     *,
     recipe: str | None = None,
-    samples: int = 8,
-    seq_len: int = 512,
+    samples: int | None = None,
+    seq_len: int | None = None,
 ) -> dict:
+    """Calibrate, export, load in a fresh process and generate; ``samples``/``seq_len``
+    default to the recipe's ``calibration:`` block."""
     from .calibrate import calibrate
     from .export import export
     from .models import load_model
-    from .recipes import CalibrationConfig, default_recipe, load_recipe
+    from .recipes import default_recipe, load_recipe, resolve_calibration
 
     out = Path(out)
     if recipe is None and _REPO_RECIPE.is_file():
         recipe = str(_REPO_RECIPE)
     r = load_recipe(recipe) if recipe else default_recipe("kvdict")
     loaded = load_model(model)
-    settings = CalibrationConfig(samples=samples, seq_len=seq_len)
+    settings = resolve_calibration([r], {"samples": samples, "seq_len": seq_len})
     calibrate(model, out / "calibration", recipes=[r], settings=settings, loaded=loaded)
     path = export(out / "calibration", out / "export", loaded=loaded, overwrite=True)
     prompt = demo_prompt(loaded[1])

@@ -30,6 +30,7 @@ __all__ = [
     "learn_dictionary",
     "learn_dictionary_adam",
     "sparsity_curve",
+    "query_key_maps",
     "make_sparse_data",
 ]
 
@@ -414,6 +415,56 @@ def sparsity_curve(
         raise ValueError("sparsity_curve needs at least one non-zero vector")
     _, _, err = omp(x2[keep], D, s_max, gram=gram, return_errors=True)
     return err.mean(0).cpu()
+
+
+def query_key_maps(
+    queries: torch.Tensor, q_heads: torch.Tensor, n_kv_heads: int, alpha: float
+) -> torch.Tensor:
+    """Per-KV-head maps ``W`` that put keys in the metric of their queries.
+
+    A key error ``e`` changes the score of query ``q`` by ``q·e``, whose mean square over the
+    queries is ``eᵀ M e`` with ``M = E[q qᵀ]``. Coding ``k W`` (rows) instead of ``k``, and
+    reading it with ``q W⁻ᵀ``, leaves every score unchanged while OMP minimises ``||e W||``.
+
+    ``M`` is first averaged over RoPE rotations, which leaves one value per rotary pair
+    ``(i, i + d/2)`` (transformers' ``rotate_half`` layout): the mean of ``M_ii`` and
+    ``M_{i+d/2, i+d/2}``. The map is then diagonal and commutes with RoPE, so it holds at
+    every position, not only those the capture saw. A full ``M^(1/4)`` from 512-token
+    windows lowered the 512-token attention error a little more but cost 4.4x perplexity
+    at 4k context on SmolLM2 (the low-frequency pairs rotate on past the captured
+    positions), against 1.108x without a map; this map, calibrated on 4096-token windows,
+    gives 1.039x against 1.051x without one. ``alpha = 1`` weighs errors by the mean
+    squared score error, ``0`` gives the plain key error; in between hedges.
+
+    Args:
+        queries: ``(M, d)`` captured queries (post-RoPE), ``d`` even.
+        q_heads: ``(M,)`` query head of each row; query head ``j`` reads KV head
+            ``j // (H / n_kv_heads)`` (transformers' ``repeat_kv`` order).
+        n_kv_heads: ``H_kv``.
+        alpha: exponent in ``[0, 1]``: ``W = diag(m)^(alpha/2)``.
+
+    Returns:
+        ``(H_kv, d, d)`` float32 diagonal positive maps, each scaled to a mean squared entry
+        of 1 (so mapped keys keep their typical size, which matters for 8-bit
+        coefficients), entries of ``m`` floored at ``1e-4`` of the largest before the power.
+    """
+    d = queries.shape[-1]
+    if d % 2:
+        raise ValueError(f"head_dim {d} is odd; rotary pairs need an even head_dim")
+    n_heads = int(q_heads.max()) + 1
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads do not group into {n_kv_heads} KV heads")
+    group = torch.div(q_heads.long(), n_heads // n_kv_heads, rounding_mode="floor")
+    maps = []
+    for h in range(n_kv_heads):
+        qh = queries[group == h].to(torch.float64)
+        if qh.shape[0] < d:
+            raise ValueError(f"KV head {h}: {qh.shape[0]} captured queries, need >= {d}")
+        m = qh.pow(2).mean(0)
+        m = (m[: d // 2] + m[d // 2 :]).repeat(2) / 2
+        w = m.clamp_min(1e-4 * float(m.max())).pow(alpha / 2)
+        maps.append(torch.diag(w / w.pow(2).mean().sqrt()))
+    return torch.stack(maps).to(torch.float32)
 
 
 def make_sparse_data(

@@ -329,17 +329,18 @@ def inspect_checkpoint(folder: str | Path) -> dict:
     report["code_bytes_ratio"] = block.get("code_bytes_ratio")
     weight_keys = _weight_keys(folder)
     from .runtime.kvs_methods import METHODS as RUNTIMES
+    from .runtime.kvs_methods import buffer_names
 
-    runtime = RUNTIMES.get(block.get("method"))
-    buffers = runtime.BUFFERS if runtime is not None else ()  # ClusterKV stores none
+    # ClusterKV and SubGen store no tensors
+    buffers = buffer_names(block) if block.get("method") in RUNTIMES else ()
     need = []
     for i, p in enumerate(layers):
         if not p.get("dense"):
             need += [f".layers.{i}.self_attn.{b}" for b in buffers]
     missing = [n for n in need if not any(k.endswith(n) for k in weight_keys)]
     if missing:
-        report["problems"].append(f"{len(missing)} dictionary tensors missing, e.g. {missing[0]}")
-    report["dictionary_tensors"] = len(need) - len(missing)
+        report["problems"].append(f"{len(missing)} learned tensors missing, e.g. {missing[0]}")
+    report["learned_tensors"] = len(need) - len(missing)
     report["loads_compressed"] = not report["problems"]
     report["how_to_load"] = "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)"
     return report

@@ -1,9 +1,12 @@
 """KV-Dict calibrator: learn per-layer dictionaries and choose per-layer sparsity.
 
 Reads the captured keys/values of a calibration folder and writes ``kvdict/``:
-``layer_XXX.safetensors`` (``dk``, ``dv`` ``(d, N)`` fp32, unit-norm atoms; written as each
-layer finishes, so an interrupted run resumes at the next layer) and ``result.json`` (per
-layer: chosen s_k/s_v, held-out relative error curves). Maths lives in
+``layer_XXX.safetensors`` (``dk``, ``dv`` ``(d, N)`` fp32, unit-norm atoms, and with
+``query_weighting > 0`` ``kmap`` ``(H_kv, d, d)``, the map that puts keys in their queries'
+metric (:func:`~kvsurgery.dictlearn.query_key_maps`; ``dk`` is learned on mapped keys);
+written as each layer finishes, so an interrupted run resumes at the next layer) and
+``result.json`` (per layer: chosen s_k/s_v, held-out relative error curves, for keys in the
+mapped space). Maths lives in
 :mod:`kvsurgery.dictlearn` and :mod:`kvsurgery.sparsity`.
 """
 
@@ -20,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .capture import load_layer
-from .dictlearn import learn_dictionary, sparsity_curve
+from .dictlearn import learn_dictionary, query_key_maps, sparsity_curve
 from .errors import KVSurgeryError
 from .recipes import Recipe
 from .sparsity import choose_sparsity
@@ -37,7 +40,37 @@ def _split(x: torch.Tensor, holdout: float, seed: int):
 
 # Fields the learned dictionaries and error curves depend on; the others (the byte target,
 # buffer sizes...) only change the allocation, so changing them reuses the dictionaries.
-_LEARNING_FIELDS = ("n_atoms", "s_k", "s_v", "s_max", "iters", "holdout", "seed", "dense")
+_LEARNING_FIELDS = (
+    "n_atoms",
+    "s_k",
+    "s_v",
+    "s_max",
+    "iters",
+    "holdout",
+    "seed",
+    "dense",
+    "query_weighting",
+)
+
+
+def _mapped_keys(cap: dict, layer: int, n_kv_heads: int, alpha: float):
+    """``(keys, kmap)``: the captured keys in their queries' metric, and the per-head map
+    (``kmap`` None when ``alpha`` is 0)."""
+    keys = cap["keys"]
+    if alpha == 0:
+        return keys, None
+    if "queries" not in cap:
+        raise KVSurgeryError(
+            f"layer {layer}: the capture has no queries, which query_weighting "
+            f"{alpha} needs; capture with queries (the default) or set query_weighting: 0."
+        )
+    kmap = query_key_maps(cap["queries"], cap["q_heads"], n_kv_heads, alpha)
+    heads = cap["heads"].long()
+    out = torch.empty_like(keys, dtype=torch.float32)
+    for h in range(n_kv_heads):
+        sel = heads == h
+        out[sel] = keys[sel].float() @ kmap[h]
+    return out, kmap
 
 
 def _recipe_hash(recipe: Recipe) -> str:
@@ -83,9 +116,10 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
         cap = load_layer(calib_dir, i)
         cfg = recipe.for_layer(i, dims["layer_types"][i])
         t0 = time.perf_counter()
-        tensors = {}
+        keys, kmap = _mapped_keys(cap, i, dims["num_kv_heads"], base.query_weighting)
+        tensors = {} if kmap is None else {"kmap": kmap.contiguous()}
         for name, s in (("k", cfg.s_k), ("v", cfg.s_v)):
-            x = cap["keys" if name == "k" else "values"]
+            x = keys if name == "k" else cap["values"]
             train, held = _split(x, base.holdout, base.seed + i)
             if train.shape[0] < base.n_atoms:
                 raise KVSurgeryError(
@@ -162,10 +196,11 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
         "curves_v": {str(i): [round(float(e), 5) for e in curves_v[i]] for i in layers},
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
+    k_err = "K rel.err (query metric)" if base.query_weighting else "K rel.err"
     columns = {
         "s_k": [p.get("s_k", "-") for p in per_layer],
         "s_v": [p.get("s_v", "-") for p in per_layer],
-        "K rel.err": [p.get("heldout_rel_err_k", "-") for p in per_layer],
+        k_err: [p.get("heldout_rel_err_k", "-") for p in per_layer],
         "V rel.err": [p.get("heldout_rel_err_v", "-") for p in per_layer],
     }
     return {
@@ -189,19 +224,6 @@ def code_bytes_ratio(per_layer: list[dict], head_dim: int) -> float:
     return round(total / len(per_layer), 4)
 
 
-def load_dictionaries(calib_dir, manifest: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer: (D_k, D_v)}`` of a calibration folder's KV-Dict results."""
-    entry = manifest.get("methods", {}).get("kvdict")
-    if entry is None:
-        raise KVSurgeryError(
-            f"{calib_dir} has no KV-Dict calibration; run `kvsurgery calibrate --recipe "
-            "recipes/kvdict.yaml` first."
-        )
-    return {
-        i: (t["kvsurgery_dk"], t["kvsurgery_dv"]) for i, t in load_tensors(calib_dir, entry).items()
-    }
-
-
 # -- method interface (see calibrate.method_module) -----------------------------------------
 calibrate = calibrate_kvdict
 
@@ -218,12 +240,15 @@ def runtime_block(entry: dict) -> dict:
     return {
         "layers": layers,
         **{k: settings[k] for k in ("sinks", "buffer", "flush", "omp_tol", "coef_dtype")},
+        "key_map": bool(settings.get("query_weighting")),
         "code_bytes_ratio": entry["code_bytes_ratio"],
     }
 
 
 def load_tensors(calib_dir, entry: dict) -> dict[int, dict[str, torch.Tensor]]:
-    """``{layer: {buffer name: tensor}}``: the learned dictionaries of every compressed layer."""
+    """``{layer: {buffer name: tensor}}``: the learned dictionaries (and key maps) of every
+    compressed layer."""
+    key_map = bool(entry["settings"].get("query_weighting"))
     out = {}
     for i, spec in enumerate(entry["layers"]):
         if spec.get("dense"):
@@ -235,4 +260,11 @@ def load_tensors(calib_dir, entry: dict) -> dict[int, dict[str, torch.Tensor]]:
             )
         state = load_file(path)
         out[i] = {"kvsurgery_dk": state["dk"], "kvsurgery_dv": state["dv"]}
+        if key_map:
+            if "kmap" not in state:
+                raise KVSurgeryError(
+                    f"{path} has no key map although the recipe sets query_weighting; the "
+                    "folder was changed by hand: re-run calibrate."
+                )
+            out[i]["kvsurgery_kmap"] = state["kmap"]
     return out

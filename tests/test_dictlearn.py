@@ -1,5 +1,7 @@
 """Tests for kvsurgery.dictlearn (CPU, small synthetic problems)."""
 
+import math
+
 import pytest
 import torch
 from kvsurgery.kernels.omp import omp_ref, reconstruct
@@ -8,6 +10,7 @@ from kvsurgery.dictlearn import (
     learn_dictionary,
     learn_dictionary_adam,
     make_sparse_data,
+    query_key_maps,
     relative_error,
     sparsity_curve,
 )
@@ -169,3 +172,38 @@ def test_sparsity_curve(data, learned):
         assert curve[s - 1] == pytest.approx(_heldout_err(held, D, s), abs=1e-4)
     with pytest.raises(ValueError, match="non-zero"):
         sparsity_curve(torch.zeros(3, D_), D, 2)
+
+
+def test_query_key_maps():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(0, 1.5, 8)
+    q = torch.randn(6000, 8, generator=g) * scale  # anisotropic queries
+    heads = torch.arange(6000) % 6  # 6 query heads over 2 KV heads: 0-2 -> 0, 3-5 -> 1
+    q[heads >= 3] *= torch.linspace(2, 0.5, 8)  # head groups see different metrics
+    identity = query_key_maps(q, heads, 2, 0.0)
+    torch.testing.assert_close(identity, torch.eye(8).expand(2, 8, 8))
+    w = query_key_maps(q, heads, 2, 1.0)
+    assert w.shape == (2, 8, 8) and not torch.allclose(w[0], w[1], rtol=0.1)
+    torch.testing.assert_close(w, torch.diag_embed(torch.diagonal(w, dim1=1, dim2=2)))
+    torch.testing.assert_close((w**2).sum((1, 2)) / 8, torch.ones(2))  # mean squared entry 1
+    for h in range(2):  # alpha 1: W² is E[q²] averaged over each rotary pair (i, i + 4)
+        m = q[heads // 3 == h].double().pow(2).mean(0)
+        m = (m[:4] + m[4:]).repeat(2)
+        w2 = torch.diagonal(w[h]).double() ** 2
+        torch.testing.assert_close(w2 / w2.sum(), m / m.sum(), rtol=1e-4, atol=1e-6)
+    # so the map commutes with RoPE: rotating a pair by any angle commutes with W
+    c, s = math.cos(0.7), math.sin(0.7)
+    rot = torch.eye(8)
+    rot[1, 1], rot[1, 5], rot[5, 1], rot[5, 5] = c, -s, s, c
+    torch.testing.assert_close(rot @ w[0], w[0] @ rot)
+    half = query_key_maps(q, heads, 2, 0.5)  # alpha 0.5: the square root of the alpha-1 map
+    ref = torch.diagonal(w[0]).sqrt()
+    torch.testing.assert_close(
+        torch.diagonal(half[0]) / torch.diagonal(half[0]).norm(), ref / ref.norm()
+    )
+    with pytest.raises(ValueError, match="do not group"):
+        query_key_maps(q, heads, 4, 0.5)
+    with pytest.raises(ValueError, match="need >= 8"):
+        query_key_maps(q[:12], heads[:12], 2, 0.5)
+    with pytest.raises(ValueError, match="odd"):
+        query_key_maps(q[:, :7], heads, 2, 0.5)

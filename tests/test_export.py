@@ -114,6 +114,10 @@ def test_export_folder_contents(exported):
     weights = load_file(out / "model.safetensors")
     dk = weights["model.layers.0.self_attn.kvsurgery_dk"]
     assert dk.dtype == torch.float32 and dk.shape == (16, 64)
+    kmap = weights["model.layers.0.self_attn.kvsurgery_kmap"]  # query_weighting is on by default
+    assert block["key_map"] is True and kmap.dtype == torch.float32 and kmap.shape == (2, 16, 16)
+    torch.testing.assert_close(kmap, kmap.transpose(1, 2))  # symmetric positive definite
+    assert bool((torch.linalg.eigvalsh(kmap) > 0).all())
 
 
 def test_fresh_process_without_toolkit_equals_in_process(exported, tiny_llama_dir, tmp_path):
@@ -175,6 +179,7 @@ def test_save_load_save_load_stable_and_fp32_dictionaries(exported, tmp_path):
         attn = m.model.layers[1].self_attn
         assert attn.q_proj.weight.dtype == dtype
         assert attn.kvsurgery_dk.dtype == torch.float32 and attn.kvsurgery_dv.dtype == torch.float32
+        assert attn.kvsurgery_kmap.dtype == torch.float32
         torch.testing.assert_close(
             attn.kvsurgery_dk, m1.model.layers[1].self_attn.kvsurgery_dk, rtol=0, atol=0
         )
@@ -216,6 +221,9 @@ def _edit_config(folder, fn):
         ("layers", r"must list 2 layers"),
         ("shape", r"weights do not match its config.json: a tensor has another shape"),
         ("not_unit", r"atoms are not unit-norm"),
+        ("missing_map", r"layer 0 kvsurgery_kmap was not loaded"),
+        ("singular_map", r"layer 1 kvsurgery_kmap is singular"),
+        ("map_flag", r"key_map must be true or false"),
     ],
 )
 def test_corrupt_checkpoints_fail_at_load(exported, tmp_path, damage, match):
@@ -226,6 +234,12 @@ def test_corrupt_checkpoints_fail_at_load(exported, tmp_path, damage, match):
         del w["model.layers.1.self_attn.kvsurgery_dv"]
     elif damage == "not_unit":
         w["model.layers.0.self_attn.kvsurgery_dk"] *= 2
+    elif damage == "missing_map":
+        del w["model.layers.0.self_attn.kvsurgery_kmap"]
+    elif damage == "singular_map":
+        w["model.layers.1.self_attn.kvsurgery_kmap"][0, :, 0] = 0
+    elif damage == "map_flag":
+        _edit_config(bad, lambda c: c["kvsurgery"].update(key_map="yes"))
     elif damage == "version":
         _edit_config(bad, lambda c: c["kvsurgery"].update(format_version=99))
     elif damage == "sparsity":
@@ -242,9 +256,7 @@ def test_corrupt_checkpoints_fail_at_load(exported, tmp_path, damage, match):
 def test_inspect_reports_problems(exported, tmp_path):
     out, _ = exported
     rep = inspect_checkpoint(out)
-    assert (
-        rep["loads_compressed"] and rep["compressed_layers"] == 2 and rep["dictionary_tensors"] == 4
-    )
+    assert rep["loads_compressed"] and rep["compressed_layers"] == 2 and rep["learned_tensors"] == 6
     bad = _copy(out, tmp_path)
     (bad / "kvs_cache.py").unlink()
     _edit_config(bad, lambda c: c.pop("auto_map"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from kvsurgery.runtime.kvs_attention import ATTN_NAME, install_kvdict
+from kvsurgery.runtime.kvs_attention import ATTN_NAME, install, install_kvdict
 from kvsurgery.runtime.kvs_cache import CODE_BLOCK, KVDictLayer
 from kvsurgery.runtime.kvs_methods import build_cache
 
@@ -55,6 +55,41 @@ def test_lossless_limit_generation_equals_dense(model):
     layer = cache.layers[0]
     assert isinstance(layer, KVDictLayer) and layer.n_comp > 40  # decoding really read codes
     assert cache.get_seq_length() == 40 + 23
+
+
+def test_key_map_lossless_limit_equals_dense_and_changes_lossy_codes(model):
+    """Keys stored as k W and read with q W⁻ᵀ: at s = d generation equals dense (left
+    padding, GQA groups of 2), and at s < d the map changes the codes, so it is really used."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, HD, HD, generator=g)
+    kmap = a @ a.transpose(1, 2) / HD + 0.3 * torch.eye(HD)  # SPD, condition ~ 10
+    x = ids(2, 30)
+    mask = torch.ones_like(x)
+    x[0, :5], mask[0, :5] = 2, 0
+    dense = model.generate(x, attention_mask=mask, max_new_tokens=16, do_sample=False)
+
+    def run(s, with_map):
+        blk = {**block(s), "key_map": with_map}
+        tensors = {
+            i: {"kvsurgery_dk": torch.eye(HD), "kvsurgery_dv": torch.eye(HD)}
+            | ({"kvsurgery_kmap": kmap} if with_map else {})
+            for i in range(2)
+        }
+        install(model, blk, tensors)
+        model.set_attn_implementation(ATTN_NAME)
+        cache = build_cache(model)
+        out = model.generate(
+            x, attention_mask=mask, max_new_tokens=16, do_sample=False, past_key_values=cache
+        )
+        return out, cache.layers[0]
+
+    out, layer = run(HD, True)
+    assert torch.equal(out, dense) and layer.kmap is not None and layer.n_comp > 20
+    _, plain = run(4, False)
+    assert plain.kmap is None and not hasattr(model.model.layers[0].self_attn, "kvsurgery_kmap")
+    _, mapped = run(4, True)
+    assert not torch.equal(plain.k_idx[:, :, : plain.n_comp], mapped.k_idx[:, :, : mapped.n_comp])
+    assert torch.equal(plain.v_idx[:, :, : plain.n_comp], mapped.v_idx[:, :, : mapped.n_comp])
 
 
 def test_left_padding_batch_equals_dense(model):

@@ -36,6 +36,10 @@ class KVDictLayer(CompressedLayer):
       k_coef/v_coef same shapes, 8-bit float (e4m3) coefficients;
       buf_k/buf_v ``(B, H_kv, n_buf, d)`` exact recent tokens, ``buffer <= n_buf < buffer + flush``
       between steps. A token is encoded once, when it leaves the buffer.
+
+    With a key map ``kmap`` ``(H_kv, d, d)`` (calibrated ``query_weighting``), every key is
+    stored as ``k W`` (sinks and buffer too, so one query serves both) and queries are read
+    as ``q W⁻ᵀ``: scores are unchanged, and OMP codes keys in their queries' metric.
     """
 
     def __init__(
@@ -52,9 +56,12 @@ class KVDictLayer(CompressedLayer):
         flush=16,
         omp_tol=None,
         coef_dtype="float8_e4m3fn",
+        kmap=None,
+        qmap=None,
     ):
         super().__init__()
         self.dk, self.dv, self.gram_k, self.gram_v = dk, dv, gram_k, gram_v
+        self.kmap, self.qmap = kmap, qmap  # (H_kv, d, d) fp32: W and W⁻ᵀ, or both None
         self.s_k, self.s_v = int(s_k), int(s_v)
         self.sinks, self.buffer, self.flush = int(sinks), int(buffer), int(flush)
         self.omp_tol = omp_tol
@@ -92,6 +99,20 @@ class KVDictLayer(CompressedLayer):
         self.k_idx, self.v_idx = grow(self.k_idx), grow(self.v_idx)
         self.k_coef, self.v_coef = grow(self.k_coef), grow(self.v_coef)
 
+    # -- key map ----------------------------------------------------------------------
+    def _map_keys(self, k):
+        if self.kmap is None:
+            return k
+        return torch.einsum("bhtd,hde->bhte", k.float(), self.kmap).to(k.dtype)
+
+    def _map_query(self, q):
+        if self.qmap is None:
+            return q
+        b, n_heads, q_len, d = q.shape
+        g = q.reshape(b, self.qmap.shape[0], n_heads // self.qmap.shape[0], q_len, d)
+        out = torch.einsum("bhgqd,hde->bhgqe", g.float(), self.qmap)
+        return out.to(q.dtype).reshape(b, n_heads, q_len, d)
+
     # -- encoding ---------------------------------------------------------------------
     def _encode(self, x, D, gram, s):
         b, h, t, d = x.shape
@@ -122,7 +143,7 @@ class KVDictLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         self.last_had_past = self.seen > 0
         self.seen += key_states.shape[2]
-        k, v = self._take_sinks(key_states, value_states)
+        k, v = self._take_sinks(self._map_keys(key_states), value_states)
         self.buf_k = torch.cat([self.buf_k, k], dim=2)
         self.buf_v = torch.cat([self.buf_v, v], dim=2)
         n_buf = self.buf_k.shape[2]
@@ -155,7 +176,7 @@ class KVDictLayer(CompressedLayer):
         if q_len == 1:
             comp_mask, exact_mask = comp_mask[:, 0], exact_mask[:, 0]
         out = kvdict_attention(
-            query,
+            self._map_query(query),
             self.dk,
             self.dv,
             self.k_idx[:, :, :n_c],
@@ -201,7 +222,16 @@ class KVDictLayer(CompressedLayer):
 
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
-BUFFERS = ("kvsurgery_dk", "kvsurgery_dv")
+BUFFERS = ("kvsurgery_dk", "kvsurgery_dv")  # every compressed layer has these
+KEY_MAP = "kvsurgery_kmap"  # and this one when the block sets key_map
+OPTIONAL_BUFFERS = (KEY_MAP,)
+
+
+def buffer_names(block: dict) -> tuple[str, ...]:
+    """The buffers each compressed layer of ``block`` carries."""
+    return (*BUFFERS, KEY_MAP) if block.get("key_map") else BUFFERS
+
+
 SUPPORTS_SOFTCAP = True  # attend() applies attention logit softcapping (Gemma2)
 
 
@@ -222,6 +252,10 @@ def validate(block: dict, num_layers: int) -> None:
     _positive_int(block.get("sinks"), "sinks", 0)
     _positive_int(block.get("buffer"), "buffer")
     _positive_int(block.get("flush"), "flush")
+    if not isinstance(block.get("key_map", False), bool):
+        raise ValueError(
+            f"config.kvsurgery.key_map must be true or false, got {block['key_map']!r}."
+        )
     if block.get("coef_dtype", "float8_e4m3fn") not in _COEF_DTYPES:
         raise ValueError(
             f"config.kvsurgery.coef_dtype must be one of {sorted(_COEF_DTYPES)}, "
@@ -230,14 +264,20 @@ def validate(block: dict, num_layers: int) -> None:
 
 
 def install_layer(mod, spec: dict, block: dict, tensors: dict | None) -> None:
-    """Give one attention module its fp32 dictionaries (NaN placeholders without ``tensors``:
-    ``from_pretrained`` fills them)."""
+    """Give one attention module its fp32 dictionaries and key map (NaN placeholders without
+    ``tensors``: ``from_pretrained`` fills them)."""
     d, dev = mod.head_dim, next(mod.parameters()).device
-    for name, n in (("kvsurgery_dk", spec["n_atoms_k"]), ("kvsurgery_dv", spec["n_atoms_v"])):
+    shapes = {"kvsurgery_dk": (d, spec["n_atoms_k"]), "kvsurgery_dv": (d, spec["n_atoms_v"])}
+    if block.get("key_map"):
+        n_kv = getattr(mod.config, "num_key_value_heads", None) or mod.config.num_attention_heads
+        shapes[KEY_MAP] = (n_kv, d, d)
+    elif hasattr(mod, KEY_MAP):  # re-installed without a map
+        delattr(mod, KEY_MAP)
+    for name, shape in shapes.items():
         if tensors is not None:
             t = tensors[name].detach().to(dev, torch.float32).clone()
         else:
-            t = torch.full((d, n), float("nan"), device=dev)
+            t = torch.full(shape, float("nan"), device=dev)
         mod.register_buffer(name, t, persistent=True)
 
 
@@ -252,6 +292,15 @@ def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
             )
     mod._kvs_gram_k = (mod.kvsurgery_dk.T @ mod.kvsurgery_dk).float()
     mod._kvs_gram_v = (mod.kvsurgery_dv.T @ mod.kvsurgery_dv).float()
+    mod._kvs_qmap = None
+    if block.get("key_map"):
+        kmap = getattr(mod, KEY_MAP).double()
+        sv = torch.linalg.svdvals(kmap)
+        if bool((sv[:, -1] <= sv[:, 0] * 1e-6).any()):
+            raise ValueError(
+                f"layer {i} {KEY_MAP} is singular; the checkpoint's weights are damaged."
+            )
+        mod._kvs_qmap = torch.linalg.inv(kmap).transpose(-1, -2).float().contiguous()
 
 
 def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
@@ -267,4 +316,6 @@ def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
         flush=block["flush"],
         omp_tol=block.get("omp_tol"),
         coef_dtype=block.get("coef_dtype", "float8_e4m3fn"),
+        kmap=getattr(mod, KEY_MAP) if block.get("key_map") else None,
+        qmap=mod._kvs_qmap,
     )

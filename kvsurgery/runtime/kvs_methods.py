@@ -4,7 +4,8 @@ model and turned into cache layers. Copied flat into exported checkpoints.
 A method's runtime module provides:
 
 - ``BUFFERS``: names of the persistent fp32 buffers it adds to each compressed attention
-  module (saved with the weights; may be empty);
+  module (saved with the weights; may be empty); optionally ``OPTIONAL_BUFFERS``, added only
+  under some settings, and ``buffer_names(block)``, the ones a given block needs;
 - ``validate(block, num_layers)``: check its settings in ``config.kvsurgery`` (raise
   ``ValueError`` naming the key); the common keys are checked before;
 - ``install_layer(mod, spec, block, tensors)``: register ``BUFFERS`` on one attention module,
@@ -38,7 +39,15 @@ def method_runtime(name):
 
 
 def all_buffers() -> list[str]:
-    return sorted({b for m in METHODS.values() for b in m.BUFFERS})
+    return sorted(
+        {b for m in METHODS.values() for b in (*m.BUFFERS, *getattr(m, "OPTIONAL_BUFFERS", ()))}
+    )
+
+
+def buffer_names(block: dict) -> tuple[str, ...]:
+    """The buffers every compressed layer of ``block`` must carry."""
+    runtime = method_runtime(block.get("method"))
+    return runtime.buffer_names(block) if hasattr(runtime, "buffer_names") else runtime.BUFFERS
 
 
 class KVSurgeryCache(Cache):
