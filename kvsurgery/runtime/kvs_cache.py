@@ -162,13 +162,7 @@ class KVDictLayer(CompressedLayer):
         """
         b, _, q_len, _ = query.shape
         n_s, n_c = self.sink_k.shape[2], self.n_comp
-        if attention_mask is None:
-            q_pos = torch.arange(self.seen - q_len, self.seen, device=query.device)
-            allowed = torch.arange(self.seen, device=query.device)[None, :] <= q_pos[:, None]
-            attention_mask = allowed[None, None].expand(b, 1, q_len, self.seen)
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
-        m = attention_mask[:, 0, :, -self.seen :]
+        m = self._valid_mask(attention_mask, q_len, b, query.device)
         comp_mask = m[:, :, n_s : n_s + n_c]
         exact_mask = torch.cat([m[:, :, :n_s], m[:, :, n_s + n_c :]], dim=-1)
         k_exact = torch.cat([self.sink_k, self.buf_k], dim=2)
