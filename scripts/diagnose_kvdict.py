@@ -1,0 +1,113 @@
+"""Which part of a KV-Dict cache costs quality: swap exact keys or values back in, then eval.
+
+The KV-Dict layers run as usual (prefill, buffer, OMP codes), and also keep an exact copy of
+every token they encode. Attention then reads, for the compressed tokens, the codes'
+reconstruction (fp32 dense attention, the torch reference's maths) except where this
+script puts the exact vectors back:
+
+    --exact keys            exact keys for every compressed token, values from codes
+    --exact values          exact values, keys from codes
+    --layers 17-19          only in these layers (with --exact)
+    --top-residual 0.05     exact keys for the 5% of tokens (per layer and head) whose key
+                            codes have the largest relative error
+
+Everything after ``--`` goes to ``kvsurgery eval`` (its bytes/token column counts the
+codes, not the diagnostic copies). Example (SmolLM2, needle at 4k)::
+
+    python scripts/diagnose_kvdict.py --exact keys --layers 17-19 -- \\
+        --calibration cal --methods kvdict --tasks needle --context 4k --dtype bfloat16
+
+A diagnostic: it holds twice the memory and decodes densely, never ship it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from kvsurgery.kernels.kvdict_attention import dense_attention_fp32, kvdict_reconstruct
+
+from kvsurgery.cli import main as kvsurgery_main
+from kvsurgery.runtime import kvs_cache
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes A-B or A, got {text!r}") from None
+
+
+def install(exact: str | None, layers: tuple[int, int] | None, top: float) -> None:
+    """Patch :class:`kvs_cache.KVDictLayer` in this process (see the module doc)."""
+    append_codes, make_layer = kvs_cache.KVDictLayer._append_codes, kvs_cache.make_layer
+
+    def _append_codes(self, k, v):
+        if self.n_comp == 0:
+            self.exact_k, self.exact_v = k[:, :, :0], v[:, :, :0]
+            self.key_err = k.new_zeros(*k.shape[:2], 0, dtype=torch.float32)
+        n0 = self.n_comp
+        append_codes(self, k, v)
+        k_hat = kvdict_reconstruct(
+            self.dk, self.k_idx[:, :, n0 : self.n_comp], self.k_coef[:, :, n0 : self.n_comp]
+        )
+        err = (k_hat - k.float()).norm(dim=-1) / k.float().norm(dim=-1).clamp_min(1e-6)
+        self.exact_k = torch.cat([self.exact_k, k], 2)
+        self.exact_v = torch.cat([self.exact_v, v], 2)
+        self.key_err = torch.cat([self.key_err, err], 2)
+
+    def attend(self, query, attention_mask, scaling, softcap=None):
+        if softcap is not None:
+            raise SystemExit("diagnose_kvdict.py does not handle softcapped models")
+        b, _, q_len, _ = query.shape
+        n = self.n_comp
+        mask = self._valid_mask(attention_mask, q_len, b, query.device)
+        k_c = kvdict_reconstruct(self.dk, self.k_idx[:, :, :n], self.k_coef[:, :, :n])
+        v_c = kvdict_reconstruct(self.dv, self.v_idx[:, :, :n], self.v_coef[:, :, :n])
+        if n and self._diag_on:
+            if exact == "keys":
+                k_c = self.exact_k.float()
+            elif exact == "values":
+                v_c = self.exact_v.float()
+        if n and top > 0:
+            worst = self.key_err >= torch.quantile(self.key_err, 1 - top, dim=-1, keepdim=True)
+            k_c = torch.where(worst[..., None], self.exact_k.float(), k_c)
+        k = torch.cat([self.sink_k.float(), k_c, self.buf_k.float()], 2)
+        v = torch.cat([self.sink_v.float(), v_c, self.buf_v.float()], 2)
+        out = dense_attention_fp32(self._map_query(query), k, v, scaling, mask)
+        return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def tagged_make_layer(mod, spec, block):
+        layer = make_layer(mod, spec, block)
+        i = getattr(mod, "layer_idx", 0)
+        layer._diag_on = layers is None or layers[0] <= i <= layers[1]
+        return layer
+
+    kvs_cache.KVDictLayer._append_codes = _append_codes
+    kvs_cache.KVDictLayer.attend = attend
+    kvs_cache.make_layer = tagged_make_layer
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, rest = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--exact", choices=("keys", "values"))
+    ap.add_argument("--layers", type=_layer_range, help="A-B: layers --exact applies to")
+    ap.add_argument("--top-residual", type=float, default=0.0)
+    args = ap.parse_args(ours)
+    if not 0.0 <= args.top_residual < 1.0:
+        ap.error("--top-residual must be in [0, 1)")
+    if not rest:
+        ap.error("give the kvsurgery eval arguments after --")
+    install(args.exact, args.layers, args.top_residual)
+    sys.argv = ["kvsurgery", "eval", *rest]
+    kvsurgery_main()
+
+
+if __name__ == "__main__":
+    main()
