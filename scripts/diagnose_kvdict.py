@@ -54,9 +54,10 @@ def install(exact: str | None, layers: tuple[int, int] | None, top: float) -> No
             self.dk, self.k_idx[:, :, n0 : self.n_comp], self.k_coef[:, :, n0 : self.n_comp]
         )
         err = (k_hat - k.float()).norm(dim=-1) / k.float().norm(dim=-1).clamp_min(1e-6)
-        self.exact_k = torch.cat([self.exact_k, k], 2)
-        self.exact_v = torch.cat([self.exact_v, v], 2)
-        self.key_err = torch.cat([self.key_err, err], 2)
+        # [:n0]: copies of tokens a crop removed are dropped
+        self.exact_k = torch.cat([self.exact_k[:, :, :n0], k], 2)
+        self.exact_v = torch.cat([self.exact_v[:, :, :n0], v], 2)
+        self.key_err = torch.cat([self.key_err[:, :, :n0], err], 2)
 
     def attend(self, query, attention_mask, scaling, softcap=None):
         if softcap is not None:
@@ -66,14 +67,16 @@ def install(exact: str | None, layers: tuple[int, int] | None, top: float) -> No
         mask = self._valid_mask(attention_mask, q_len, b, query.device)
         k_c = kvdict_reconstruct(self.dk, self.k_idx[:, :, :n], self.k_coef[:, :, :n])
         v_c = kvdict_reconstruct(self.dv, self.v_idx[:, :, :n], self.v_coef[:, :, :n])
+        exact_k, exact_v = self.exact_k[:, :, :n].float(), self.exact_v[:, :, :n].float()
         if n and self._diag_on:
             if exact == "keys":
-                k_c = self.exact_k.float()
+                k_c = exact_k
             elif exact == "values":
-                v_c = self.exact_v.float()
+                v_c = exact_v
         if n and top > 0:
-            worst = self.key_err >= torch.quantile(self.key_err, 1 - top, dim=-1, keepdim=True)
-            k_c = torch.where(worst[..., None], self.exact_k.float(), k_c)
+            err = self.key_err[:, :, :n]
+            worst = err >= torch.quantile(err, 1 - top, dim=-1, keepdim=True)
+            k_c = torch.where(worst[..., None], exact_k, k_c)
         k = torch.cat([self.sink_k.float(), k_c, self.buf_k.float()], 2)
         v = torch.cat([self.sink_v.float(), v_c, self.buf_v.float()], 2)
         out = dense_attention_fp32(self._map_query(query), k, v, scaling, mask)
