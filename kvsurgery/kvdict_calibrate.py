@@ -228,6 +228,11 @@ def code_bytes_ratio(per_layer: list[dict], head_dim: int) -> float:
 calibrate = calibrate_kvdict
 
 
+def _has_key_map(entry: dict) -> bool:
+    """Whether the manifest entry's layers carry a key map (``query_weighting`` > 0)."""
+    return bool(entry["settings"].get("query_weighting"))
+
+
 def runtime_block(entry: dict) -> dict:
     """The method part of the ``kvsurgery`` config block from this method's manifest entry."""
     settings = entry["settings"]
@@ -240,7 +245,7 @@ def runtime_block(entry: dict) -> dict:
     return {
         "layers": layers,
         **{k: settings[k] for k in ("sinks", "buffer", "flush", "omp_tol", "coef_dtype")},
-        "key_map": bool(settings.get("query_weighting")),
+        "key_map": _has_key_map(entry),
         "code_bytes_ratio": entry["code_bytes_ratio"],
     }
 
@@ -248,7 +253,7 @@ def runtime_block(entry: dict) -> dict:
 def load_tensors(calib_dir, entry: dict) -> dict[int, dict[str, torch.Tensor]]:
     """``{layer: {buffer name: tensor}}``: the learned dictionaries (and key maps) of every
     compressed layer."""
-    key_map = bool(entry["settings"].get("query_weighting"))
+    key_map = _has_key_map(entry)
     out = {}
     for i, spec in enumerate(entry["layers"]):
         if spec.get("dense"):
