@@ -213,7 +213,7 @@ def results_table(results: dict) -> str:
     lines = [f"# {device_label(rec)}"]
     lines.append(
         f"# shape: {s['heads']} query / {s['kv_heads']} kv heads, d={s['head_dim']}, {s['dtype']}; "
-        f"kvdict s_k={s['s_k']} s_v={s['s_v']} N={s['n_atoms']} (random unit-norm dictionaries); "
+        f"kvdict s_k={s['s_k']} s_v={s['s_v']} N={s['n_atoms']} (random unit-norm dictionaries, per-pair key map); "
         f"clusterkv budget={s['budget']} window={s['window']}; subgen t={s['subgen_t']} "
         f"s={s['subgen_s']} window={s['subgen_window']} delta_rel={s['subgen_delta_rel']}"
     )

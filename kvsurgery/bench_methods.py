@@ -72,6 +72,13 @@ def _storage_bytes(*tensors) -> int:
     return total
 
 
+def pair_scales(h: int, d: int, g, device) -> torch.Tensor:
+    """Random ``(h, d)`` positive key-map scales, one per rotary pair, like calibration's
+    ``query_weighting`` maps: the decode step then pays for reading its query through them."""
+    w = torch.rand(h, d // 2, generator=g, device=device) + 0.5
+    return w.repeat(1, 2)
+
+
 def unit_dictionary(d: int, n: int, g, device) -> torch.Tensor:
     """Random ``(d, n)`` fp32 dictionary with unit-norm columns."""
     D = torch.randn(d, n, generator=g, device=device)
@@ -146,8 +153,9 @@ def _kvdict_build(shape: Shape, cfg: BenchConfig, g) -> State:
     B, H, d, L = shape.batch, shape.kv_heads, shape.head_dim, shape.context
     dk = unit_dictionary(d, cfg.n_atoms, g, shape.device)
     dv = unit_dictionary(d, cfg.n_atoms, g, shape.device)
+    w = pair_scales(H, d, g, shape.device)  # as from_pretrained hands a calibrated map over
     layer = KVDictLayer(dk, dv, None, None, cfg.s_k, cfg.s_v, sinks=cfg.kvdict_sinks,
-                        buffer=cfg.kvdict_buffer)  # fmt: skip
+                        buffer=cfg.kvdict_buffer, kmap=w, qmap=1 / w)  # fmt: skip
     empty = torch.zeros(B, H, 0, d, dtype=shape.dtype, device=shape.device)
     layer.lazy_initialization(empty, empty)
     n_s, n_b = cfg.kvdict_sinks, cfg.kvdict_buffer
@@ -177,7 +185,7 @@ def _kvdict_reference(state: State, q):
     L = state.obj
     n = L.n_comp
     out = kvdict_attention_ref(
-        q, L.dk, L.dv, L.k_idx[:, :, :n], L.k_coef[:, :, :n], L.v_idx[:, :, :n],
+        L._map_query(q), L.dk, L.dv, L.k_idx[:, :, :n], L.k_coef[:, :, :n], L.v_idx[:, :, :n],
         L.v_coef[:, :, :n], torch.cat([L.sink_k, L.buf_k], 2), torch.cat([L.sink_v, L.buf_v], 2),
         q.shape[-1] ** -0.5,
     )  # fmt: skip
@@ -216,11 +224,15 @@ def _kvdict_install(model, cfg: BenchConfig, g):
         "omp_tol": None,
         "coef_dtype": "float8_e4m3fn",
         "code_bytes_ratio": 3 * (cfg.s_k + cfg.s_v) / (4 * d),
+        "key_map": True,
     }
+    cfg_m = mods[0].config
+    n_kv = getattr(cfg_m, "num_key_value_heads", None) or cfg_m.num_attention_heads
     tensors = {
         i: {
             "kvsurgery_dk": unit_dictionary(d, cfg.n_atoms, g, dev),
             "kvsurgery_dv": unit_dictionary(d, cfg.n_atoms, g, dev),
+            "kvsurgery_kmap": torch.diag_embed(pair_scales(n_kv, d, g, dev)),
         }
         for i in range(len(mods))
     }

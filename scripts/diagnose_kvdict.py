@@ -10,6 +10,10 @@ script puts the exact vectors back:
     --layers 17-19          only in these layers (with --exact)
     --top-residual 0.05     exact keys for the 5% of tokens (per layer and head) whose key
                             codes have the largest relative error
+    --key-blend 0.5         keys = exact + 0.5 * (code - exact): how much key error retrieval
+                            tolerates (1 = as shipped, 0 = exact)
+    --key-sign-residual     add the key residual quantized to one bit per channel with one
+                            scale per token (mean |residual|): what ~d/8 more bytes would buy
 
 Everything after ``--`` goes to ``kvsurgery eval`` (its bytes/token column counts the
 codes, not the diagnostic copies). Example (SmolLM2, needle at 4k)::
@@ -40,7 +44,13 @@ def _layer_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--layers takes A-B or A, got {text!r}") from None
 
 
-def install(exact: str | None, layers: tuple[int, int] | None, top: float) -> None:
+def install(
+    exact: str | None,
+    layers: tuple[int, int] | None,
+    top: float,
+    blend: float = 1.0,
+    sign_residual: bool = False,
+) -> None:
     """Patch :class:`kvs_cache.KVDictLayer` in this process (see the module doc)."""
     append_codes, make_layer = kvs_cache.KVDictLayer._append_codes, kvs_cache.make_layer
 
@@ -73,6 +83,11 @@ def install(exact: str | None, layers: tuple[int, int] | None, top: float) -> No
                 k_c = exact_k
             elif exact == "values":
                 v_c = exact_v
+        if n and self._diag_on and sign_residual:
+            res = exact_k - k_c
+            k_c = k_c + res.sign() * res.abs().mean(-1, keepdim=True)
+        if n and self._diag_on and blend != 1.0:
+            k_c = exact_k + blend * (k_c - exact_k)
         if n and top > 0:
             err = self.key_err[:, :, :n]
             worst = err >= torch.quantile(err, 1 - top, dim=-1, keepdim=True)
@@ -100,14 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--exact", choices=("keys", "values"))
-    ap.add_argument("--layers", type=_layer_range, help="A-B: layers --exact applies to")
+    ap.add_argument(
+        "--layers", type=_layer_range, help="A-B: layers --exact and the key options apply to"
+    )
     ap.add_argument("--top-residual", type=float, default=0.0)
+    ap.add_argument("--key-blend", type=float, default=1.0)
+    ap.add_argument("--key-sign-residual", action="store_true")
     args = ap.parse_args(ours)
     if not 0.0 <= args.top_residual < 1.0:
         ap.error("--top-residual must be in [0, 1)")
     if not rest:
         ap.error("give the kvsurgery eval arguments after --")
-    install(args.exact, args.layers, args.top_residual)
+    install(args.exact, args.layers, args.top_residual, args.key_blend, args.key_sign_residual)
     sys.argv = ["kvsurgery", "eval", *rest]
     kvsurgery_main()
 

@@ -92,6 +92,27 @@ def test_key_map_lossless_limit_equals_dense_and_changes_lossy_codes(model):
     assert torch.equal(plain.v_idx[:, :, : plain.n_comp], mapped.v_idx[:, :, : mapped.n_comp])
 
 
+def test_diagonal_key_map_is_read_as_a_scale_with_the_matrix_maths(model):
+    """Calibration writes diagonal maps: the layer gets them as (H_kv, d) scales, and keys and
+    queries come out as with the (H_kv, d, d) matrices."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(2, HD, generator=g) + 0.5
+    tensors = {
+        i: {"kvsurgery_dk": torch.eye(HD), "kvsurgery_dv": torch.eye(HD)}
+        | {"kvsurgery_kmap": torch.diag_embed(w)}
+        for i in range(2)
+    }
+    install(model, {**block(6), "key_map": True}, tensors)
+    layer = build_cache(model).layers[0]
+    assert layer.kmap.shape == (2, HD) and layer.qmap.shape == (2, HD)
+    full = KVDictLayer(None, None, None, None, 6, 6, kmap=torch.diag_embed(w),
+                       qmap=torch.diag_embed(1 / w))  # fmt: skip
+    k, q = torch.randn(3, 2, 7, HD, generator=g), torch.randn(3, 4, 2, HD, generator=g)
+    torch.testing.assert_close(layer._map_keys(k), full._map_keys(k))
+    torch.testing.assert_close(layer._map_query(q), full._map_query(q))
+    torch.testing.assert_close(layer._map_query(q)[:, 1], q[:, 1] / w[0])  # GQA: head 1 -> kv 0
+
+
 def test_left_padding_batch_equals_dense(model):
     x = ids(2, 30)
     mask = torch.ones_like(x)

@@ -61,7 +61,7 @@ class KVDictLayer(CompressedLayer):
     ):
         super().__init__()
         self.dk, self.dv, self.gram_k, self.gram_v = dk, dv, gram_k, gram_v
-        self.kmap, self.qmap = kmap, qmap  # (H_kv, d, d) fp32: W and W⁻ᵀ, or both None
+        self.kmap, self.qmap = kmap, qmap  # fp32 W and W⁻ᵀ, (H_kv, d[, d]), or both None
         self.s_k, self.s_v = int(s_k), int(s_v)
         self.sinks, self.buffer, self.flush = int(sinks), int(buffer), int(flush)
         self.omp_tol = omp_tol
@@ -100,9 +100,14 @@ class KVDictLayer(CompressedLayer):
         self.k_coef, self.v_coef = grow(self.k_coef), grow(self.v_coef)
 
     # -- key map ----------------------------------------------------------------------
+    # A map is ``(H_kv, d, d)``, or ``(H_kv, d)`` when it is diagonal (what calibration
+    # writes: one scale per rotary pair), read as an elementwise scale: one multiply per
+    # decode step instead of a batched matrix product.
     def _map_keys(self, k):
         if self.kmap is None:
             return k
+        if self.kmap.dim() == 2:
+            return (k.float() * self.kmap[:, None, :]).to(k.dtype)
         return torch.einsum("bhtd,hde->bhte", k.float(), self.kmap).to(k.dtype)
 
     def _map_query(self, q):
@@ -110,7 +115,10 @@ class KVDictLayer(CompressedLayer):
             return q
         b, n_heads, q_len, d = q.shape
         g = q.reshape(b, self.qmap.shape[0], n_heads // self.qmap.shape[0], q_len, d)
-        out = torch.einsum("bhgqd,hde->bhgqe", g.float(), self.qmap)
+        if self.qmap.dim() == 2:
+            out = g.float() * self.qmap[:, None, None, :]
+        else:
+            out = torch.einsum("bhgqd,hde->bhgqe", g.float(), self.qmap)
         return out.to(q.dtype).reshape(b, n_heads, q_len, d)
 
     # -- encoding ---------------------------------------------------------------------
@@ -286,7 +294,7 @@ def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
             )
     mod._kvs_gram_k = (mod.kvsurgery_dk.T @ mod.kvsurgery_dk).float()
     mod._kvs_gram_v = (mod.kvsurgery_dv.T @ mod.kvsurgery_dv).float()
-    mod._kvs_qmap = None
+    mod._kvs_kmap = mod._kvs_qmap = None
     if block.get("key_map"):
         kmap = getattr(mod, KEY_MAP).double()
         sv = torch.linalg.svdvals(kmap)
@@ -295,6 +303,11 @@ def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
                 f"layer {i} {KEY_MAP} is singular; the checkpoint's weights are damaged."
             )
         mod._kvs_qmap = torch.linalg.inv(kmap).transpose(-1, -2).float().contiguous()
+        mod._kvs_kmap = kmap.float()
+        diag = torch.diagonal(kmap, dim1=-2, dim2=-1)
+        if bool((kmap == torch.diag_embed(diag)).all()):
+            mod._kvs_kmap = diag.float().contiguous()
+            mod._kvs_qmap = (1 / diag).float().contiguous()
 
 
 def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
@@ -310,6 +323,6 @@ def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
         flush=block["flush"],
         omp_tol=block.get("omp_tol"),
         coef_dtype=block.get("coef_dtype", "float8_e4m3fn"),
-        kmap=getattr(mod, KEY_MAP) if block.get("key_map") else None,
+        kmap=mod._kvs_kmap if block.get("key_map") else None,
         qmap=mod._kvs_qmap,
     )
