@@ -5,9 +5,11 @@ Per kv head the keys that leave the exact window are streamed through two struct
 
 * threshold clustering: a key joins the *first* centre (in creation order) within
   distance ``delta``, else it opens a new cluster whose centre is that key (centres never
-  move); each cluster keeps its size ``n_c`` and ``t`` reservoir slots, each slot an
-  independent uniform sample of the cluster's members (slot replaced with probability
-  ``1 / n_c`` when a member arrives);
+  move), or, beyond the paper, joins the nearest centre when an optional cap on the
+  number of clusters is reached (bounded memory; the estimates stay unbiased); each
+  cluster keeps its size ``n_c`` and ``t`` reservoir slots, each slot an independent
+  uniform sample of the cluster's members (slot replaced with probability ``1 / n_c``
+  when a member arrives);
 * an l2 value reservoir: ``s`` slots of ``(k, v)`` pairs, each slot an independent sample
   with probability proportional to ``|v|^2`` (slot replaced with probability
   ``|v_i|^2 / mu_i``, ``mu_i`` the running total of ``|v|^2`` including token i).
@@ -159,6 +161,21 @@ def new_state(BH: int, cap: int, t: int, s: int, d: int, dtype, device) -> dict:
     }
 
 
+def _cluster_limit(max_clusters, BH: int, device) -> torch.Tensor:
+    """``(BH,)`` int64 cluster cap per row (``_NO_HIT`` when uncapped)."""
+    if max_clusters is None:
+        return torch.full((BH,), _NO_HIT, dtype=torch.int64, device=device)
+    limit = torch.as_tensor(max_clusters, device=device).long().expand(BH)
+    if BH and int(limit.min()) < 1:
+        raise ValueError(f"max_clusters must be >= 1, got {int(limit.min())}")
+    return limit
+
+
+def _check_capacity(n_clusters, M: int, limit, Cap: int) -> None:
+    if n_clusters.numel() and int(torch.minimum(n_clusters.long() + M, limit).max()) > Cap:
+        raise ValueError(f"capacity {Cap} < clusters + new tokens; reserve before appending")
+
+
 def append_ref(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -167,18 +184,20 @@ def append_ref(
     state: dict,
     u_clu: torch.Tensor,
     u_val: torch.Tensor,
+    max_clusters: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stream ``M`` new tokens per row into the clustering and the value reservoir (in place).
 
     Semantics are those of processing the valid tokens one by one, in order:
 
     * clustering: the token joins the first centre (lowest id) with
-      ``|k - centre|^2 <= delta^2``, else opens cluster ``n_clusters`` with centre k. Its
-      cluster's count becomes ``n``. Sample slot ``j`` takes k when ``n <= t`` and
-      ``j == n - 1`` (the first t members are kept exactly), or when ``n > t`` and
-      ``u_clu[i, j] < 1 / n``. Slot j then holds its first member with probability t/n and
-      each later member with probability 1/n, so ``(n / min(n, t)) sum_slots`` is an
-      unbiased estimate of the sum over members (exact while ``n <= t``).
+      ``|k - centre|^2 <= delta^2``, else opens cluster ``n_clusters`` with centre k, or,
+      when the row already holds ``max_clusters`` clusters, joins the nearest centre
+      (lowest id on a tie). Its cluster's count becomes ``n``. Sample slot ``j`` takes k
+      when ``n <= t`` and ``j == n - 1`` (the first t members are kept exactly), or when
+      ``n > t`` and ``u_clu[i, j] < 1 / n``. Slot j then holds its first member with
+      probability t/n and each later member with probability 1/n, so ``(n / min(n, t))
+      sum_slots`` is an unbiased estimate of the sum over members (exact while ``n <= t``).
     * values: the first ``s`` valid tokens of a row fill the slots in order (``res_orig =
       1``, ``mu_s`` = the running total when the last of them arrived); a later token
       replaces slot j when ``u_val[i, j] < |v_i|^2 / mu_i`` (``res_orig = 0``). A slot
@@ -200,6 +219,9 @@ def append_ref(
             open a cluster), ``res_k/res_v (BH, s, d)``, ``res_orig (BH, s)`` int8, ``n_val
             (BH,)`` int32 valid tokens streamed, ``mu``/``mu_s`` ``(BH,)`` fp32.
         u_clu: ``(BH, M, t)`` and u_val ``(BH, M, s)`` uniforms in [0, 1).
+        max_clusters: optional int or ``(BH,)`` ints, a cap on clusters per row (>= 1); ``Cap`` then
+            only needs ``min(n_clusters + M, max_clusters)``. The cap bounds memory; the
+            estimates stay unbiased (they are for any partition), only their variance grows.
 
     Returns:
         labels ``(BH, M)`` int64 (-1 for invalid tokens).
@@ -210,8 +232,8 @@ def append_ref(
     Cap, t = samples.shape[1], samples.shape[2]
     S = res_k.shape[1]
     dev = k.device
-    if BH and int(n_clusters.max()) + M > Cap:
-        raise ValueError(f"capacity {Cap} < clusters + new tokens; reserve before appending")
+    limit = _cluster_limit(max_clusters, BH, dev)
+    _check_capacity(n_clusters, M, limit, Cap)
     p_val, mu_run = value_accept_probs(v, valid, state["mu"])
     rows = torch.arange(BH, device=dev)
     d2max = delta.float().pow(2)
@@ -236,8 +258,10 @@ def append_ref(
             # distances among the chunk's tokens once; the leader loop then only indexes
             near = _sq_dist(x, x.to(centres.dtype)) <= d2max[:, None, None]  # (BH, m, m)
             opened = []
-            while bool(free.any()):
-                has = free.any(1)
+            while True:
+                has = free.any(1) & (n_cur < limit)
+                if not bool(has.any()):
+                    break
                 lead = torch.argmax(free.to(torch.int8), dim=1)  # first unmatched token
                 join = free & near[rows, lead] & has[:, None]
                 join[rows, lead] |= has  # the leader joins its own cluster whatever rounding says
@@ -245,8 +269,16 @@ def append_ref(
                 opened.append((rows[has], n_cur[has], lead[has]))
                 n_cur = n_cur + has.long()
                 free &= ~join
-            r, c, j = (torch.cat(z) for z in zip(*opened, strict=True))
-            centres[r, c] = x[r, j].to(centres.dtype)
+            if opened:
+                r, c, j = (torch.cat(z) for z in zip(*opened, strict=True))
+                centres[r, c] = x[r, j].to(centres.dtype)
+            if bool(free.any()):
+                # rows at their cap: every leader came earlier, so every centre exists and
+                # none is within delta: the token joins the nearest one
+                c_used = int(n_cur.max())
+                d2 = _sq_dist(x, centres[:, :c_used])
+                d2 = torch.where(cid[:c_used][None, None, :] < n_cur[:, None, None], d2, torch.inf)
+                lab = torch.where(free, d2.argmin(-1), lab)
         n_clusters.copy_(n_cur.to(n_clusters.dtype))
         labels[:, a:b] = lab
         # member ranks: the i-th member of cluster c in this chunk has count n0_c + i
@@ -379,6 +411,7 @@ if _HAS_TRITON:
         cen_ptr,
         cnt_ptr,
         ncl_ptr,
+        max_ptr,
         smp_ptr,
         rk_ptr,
         rv_ptr,
@@ -416,6 +449,7 @@ if _HAS_TRITON:
         d2max = tl.load(delta_ptr + row)
         d2max = d2max * d2max
         ncl = tl.load(ncl_ptr + row)
+        ncl_max = tl.load(max_ptr + row)
         nval = tl.load(nval_ptr + row)
         mus = tl.load(mus_ptr + row)
         for i in range(0, M):
@@ -425,6 +459,8 @@ if _HAS_TRITON:
             x = kx.to(tl.float32)
             xx = tl.sum(x * x, axis=0)
             best = tl.full([], _NO_HIT_TL, tl.int32)
+            near = tl.full([], 0, tl.int32)  # nearest centre, for a row at its cap
+            near_d2 = tl.full([], float("inf"), tl.float32)
             for c0 in range(0, ncl, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 cmask = offs_c < ncl
@@ -436,8 +472,15 @@ if _HAS_TRITON:
                 d2 = xx - 2.0 * tl.sum(c * x[None, :], axis=1) + tl.sum(c * c, axis=1)
                 hit = cmask & (d2 <= d2max)
                 best = tl.minimum(best, tl.min(tl.where(hit, offs_c, _NO_HIT_TL), axis=0))
-            lab = tl.where(best == _NO_HIT_TL, ncl, best)
-            opened = (best == _NO_HIT_TL).to(tl.int32) * act
+                d2c = tl.where(cmask, d2, float("inf"))
+                tile_min = tl.min(d2c, axis=0)
+                tile_arg = tl.min(tl.where(d2c == tile_min, offs_c, _NO_HIT_TL), axis=0)
+                closer = tile_min < near_d2  # strict: an earlier tile wins a tie
+                near = tl.where(closer, tile_arg, near)
+                near_d2 = tl.where(closer, tile_min, near_d2)
+            full = ncl >= ncl_max
+            lab = tl.where(best == _NO_HIT_TL, tl.where(full, near, ncl), best)
+            opened = ((best == _NO_HIT_TL) & (ncl < ncl_max)).to(tl.int32) * act
             tl.store(
                 cen_ptr + (row * Cap + lab) * D + offs_d,
                 kx.to(cen_ptr.dtype.element_ty),
@@ -682,7 +725,7 @@ def _check_runnable(t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def append_triton(k, v, valid, delta, state: dict, u_clu, u_val) -> torch.Tensor:
+def append_triton(k, v, valid, delta, state: dict, u_clu, u_val, max_clusters=None):
     """:func:`append_ref` as one sequential Triton program per row (same arguments; the
     state tensors must be contiguous, they are updated in place)."""
     _check_runnable(k)
@@ -692,8 +735,8 @@ def append_triton(k, v, valid, delta, state: dict, u_clu, u_val) -> torch.Tensor
     for name in STATE_KEYS:
         if not state[name].is_contiguous():
             raise ValueError(f"state[{name!r}] must be contiguous (updated in place)")
-    if BH and int(state["n_clusters"].max()) + M > Cap:
-        raise ValueError(f"capacity {Cap} < clusters + new tokens; reserve before appending")
+    limit = _cluster_limit(max_clusters, BH, k.device)
+    _check_capacity(state["n_clusters"], M, limit, Cap)
     labels = torch.empty(BH, M, dtype=torch.int64, device=k.device)
     if BH == 0 or M == 0:
         return labels
@@ -703,7 +746,9 @@ def append_triton(k, v, valid, delta, state: dict, u_clu, u_val) -> torch.Tensor
         v.contiguous(),
         valid.to(torch.int8).contiguous(),
         delta.float().contiguous(),
-        *(state[n] for n in STATE_KEYS[:7]),  # centres .. res_orig
+        *(state[n] for n in STATE_KEYS[:3]),  # centres, counts, n_clusters
+        limit.clamp(max=_NO_HIT).to(torch.int32).contiguous(),
+        *(state[n] for n in STATE_KEYS[3:7]),  # samples .. res_orig
         state["n_val"],
         state["mu_s"],
         u_clu.float().contiguous(),
@@ -789,10 +834,10 @@ def estimate_attention_triton(q, k_ex, v_ex, mask_ex, state: dict, scale: float)
 # ----------------------------------------------------------------------------------------
 
 
-def append(k, v, valid, delta, state: dict, u_clu, u_val) -> torch.Tensor:
+def append(k, v, valid, delta, state: dict, u_clu, u_val, max_clusters=None) -> torch.Tensor:
     """Stream tokens into the SubGen state (see :func:`append_ref`): Triton on CUDA, else torch."""
     fn = append_triton if _use_triton(k) else append_ref
-    return fn(k, v, valid, delta, state, u_clu, u_val)
+    return fn(k, v, valid, delta, state, u_clu, u_val, max_clusters)
 
 
 def estimate_attention(q, k_ex, v_ex, mask_ex, state: dict, scale: float) -> torch.Tensor:

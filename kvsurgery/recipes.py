@@ -209,6 +209,9 @@ class SubGenConfig:
     delta: float | None = None  # fixed radius for every layer and head (no radius search)
     delta_rel: float = 0.5  # training-free radius: this times the median key norm per head
     per_head: bool = True  # one radius per kv head (else one per layer)
+    # cap each head's clusters at what target_ratio leaves at target_context (a key then
+    # joins the nearest centre): memory stops growing there. false: unbounded (the paper)
+    cap_clusters: bool = True
     sinks: int = 4  # exact tokens at the start
     window: int = 256  # exact recent tokens
     sim_tokens: int = 4096  # captured keys per head streamed to simulate a context

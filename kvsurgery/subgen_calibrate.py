@@ -10,6 +10,9 @@ seeded random order) are streamed through the runtime's own clustering
   may hold with ``target_ratio`` of the fp16 cache, once sinks, window and value slots are
   paid, scaled to the simulated length (linearly, which errs towards more clusters than
   the sublinear growth gives);
+* **cap** (``cap_clusters``, default on): at most that cluster budget per kv head at run
+  time (``max_clusters``), a key beyond it joining the nearest centre, so the memory
+  target holds at ``target_context`` whatever the radius, and memory stops growing after;
 * **t, s** (with ``target_error``): the cheapest pair of ``t_choices x s_choices`` whose
   measured attention-output error meets the target;
 * **error** at the chosen settings: mean over captured queries of
@@ -73,6 +76,22 @@ def cluster_budget(d: int, cfg) -> float:
     budget = cfg.target_ratio * cfg.target_context * 2 * d * _ELEM
     rest = budget - head_bytes(d, cfg.sinks, cfg.window, 0, cfg.t, cfg.s)
     return rest / ((cfg.t + 1) * d * _ELEM + 4)
+
+
+def max_clusters(d: int, cfg, layer: int) -> int | None:
+    """The runtime cap on clusters per kv head (``cap_clusters``): the cluster budget of the
+    memory target, so the cache holds at most ``target_ratio`` of fp16 at ``target_context``
+    and stops growing past it. None when the recipe leaves clusters unbounded."""
+    if not cfg.cap_clusters:
+        return None
+    cap = math.floor(cluster_budget(d, cfg))
+    if cap < 1:
+        raise KVSurgeryError(
+            f"layer {layer}: target_ratio {cfg.target_ratio} leaves no room for clusters at "
+            f"target_context {cfg.target_context} once sinks, window and s={cfg.s} value slots "
+            "are paid; raise target_ratio, lower window / s, or set cap_clusters: false."
+        )
+    return cap
 
 
 # -- simulation -----------------------------------------------------------------------------
@@ -224,7 +243,10 @@ def calibrate_subgen(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
                 t, s, err, met = best[0], best[1], best[2], False
         if err is None:
             err = attention_error(k, v, q, delta, t, s, scale, base.seed + i)
+        cap = max_clusters(d, dataclasses.replace(cfg, t=t, s=s), i)
         c_target = clusters.float().mean().item() * n_stream / n  # linear extrapolation
+        if cap is not None:
+            c_target = min(c_target, cap)
         mem = head_bytes(d, base.sinks, base.window, c_target, t, s)
         full = base.target_context * 2 * d * _ELEM
         spec = {
@@ -238,6 +260,8 @@ def calibrate_subgen(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             "attn_rel_err": round(err, 5),
             "mem_ratio_at_target": round(min(1.0, mem / full), 4),
         }
+        if cap is not None:
+            spec["max_clusters"] = cap
         if met is not None:
             spec["target_error_met"] = met
         per_layer.append(spec)
@@ -284,7 +308,7 @@ def runtime_block(entry: dict) -> dict:
     layers = [
         {"dense": True}
         if spec.get("dense")
-        else {k: spec[k] for k in ("delta", "t", "s") if spec.get(k) is not None}
+        else {k: spec[k] for k in ("delta", "t", "s", "max_clusters") if spec.get(k) is not None}
         for spec in entry["layers"]
     ]
     return {"layers": layers, **{k: st[k] for k in ("sinks", "window", "seed", "delta_rel")}}
@@ -306,7 +330,11 @@ def default_entry(dims: dict, recipe: Recipe) -> dict:
             layers.append({"dense": True})
             continue
         cfg = recipe.for_layer(i, dims["layer_types"][i])
-        layers.append({"delta": cfg.delta, "t": cfg.t, "s": cfg.s})
+        spec = {"delta": cfg.delta, "t": cfg.t, "s": cfg.s}
+        cap = max_clusters(dims["head_dim"], cfg, i)
+        if cap is not None:
+            spec["max_clusters"] = cap
+        layers.append(spec)
     settings = {k: v for k, v in dataclasses.asdict(base).items() if k != "dense"}
     return {"dir": None, "layers": layers, "settings": settings}
 
@@ -331,7 +359,16 @@ The weights are unchanged. Keys older than the recent window are merged online i
 clusters of radius delta (t sampled keys each) and values into an l2-weighted reservoir;
 attention over them is estimated (unbiased, not exact: one specific old token cannot be
 recalled exactly). Memory grows with the number of clusters, sublinearly when keys cluster."""
+    capped = all(p.get("max_clusters") is not None for p in comp)
+    if capped:
+        about += """
+Each kv head holds at most a fixed number of clusters (below); past it a key joins the
+nearest centre, so the cache stops growing and the estimates stay unbiased (noisier)."""
+    cap = (
+        f"{mean('max_clusters'):.0f} (mean over layers)" if capped else "none (grows with context)"
+    )
     rows = f"""| mean cluster radius | {radius} |
 | mean samples per cluster t / value slots s | {mean("t"):.2f} / {mean("s"):.0f} |
+| clusters per kv head at most | {cap} |
 | exact sinks / recent window | {block["sinks"]} / {block["window"]} tokens |"""
     return about, rows

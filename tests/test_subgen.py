@@ -53,7 +53,7 @@ def stream_case(BH=3, M=37, d=24, t=3, S=5, seed=0):
     return k, v, valid, torch.rand(BH, M, t, generator=g), torch.rand(BH, M, S, generator=g)
 
 
-def sequential_oracle(k, v, valid, delta, t, S, u_clu, u_val):
+def sequential_oracle(k, v, valid, delta, t, S, u_clu, u_val, cap=None):
     """Token-by-token Python version of the append rules (independent of both paths)."""
     BH, M, d = k.shape
     out = []
@@ -71,6 +71,9 @@ def sequential_oracle(k, v, valid, delta, t, S, u_clu, u_val):
                 (c for c, z in enumerate(centres) if float(((x - z) ** 2).sum()) <= delta[r] ** 2),
                 None,
             )
+            if lab is None and cap is not None and len(centres) >= cap:
+                dist = [float(((x - z) ** 2).sum()) for z in centres]
+                lab = dist.index(min(dist))
             if lab is None:
                 lab = len(centres)
                 centres.append(x)
@@ -103,16 +106,37 @@ def sequential_oracle(k, v, valid, delta, t, S, u_clu, u_val):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("d,t,S", [(24, 3, 5), (16, 1, 64), (40, 5, 3)])
-def test_append_ref_matches_sequential_oracle(d, t, S):
+@pytest.mark.parametrize(
+    "d,t,S,cap", [(24, 3, 5, None), (16, 1, 64, None), (40, 5, 3, None), (24, 2, 5, [2, 9, 4])]
+)
+def test_append_ref_matches_sequential_oracle(d, t, S, cap):
     k, v, valid, u_clu, u_val = stream_case(d=d, t=t, S=S, seed=d)
     delta = torch.tensor([2.0, 2.5, 3.0]) * (d / 24) ** 0.5
+    if cap is not None:  # a small radius: rows meet their cap, mid-chunk and at a chunk start
+        delta = delta / 3
+    mc = None if cap is None else torch.tensor(cap)
     st = sg.new_state(3, 37 + 8, t, S, d, torch.float32, "cpu")
     # two calls: the second meets centres opened by the first
-    a = sg.append_ref(k[:, :20], v[:, :20], valid[:, :20], delta, st, u_clu[:, :20], u_val[:, :20])
-    b = sg.append_ref(k[:, 20:], v[:, 20:], valid[:, 20:], delta, st, u_clu[:, 20:], u_val[:, 20:])
+    a = sg.append_ref(
+        k[:, :20], v[:, :20], valid[:, :20], delta, st, u_clu[:, :20], u_val[:, :20], mc
+    )
+    b = sg.append_ref(
+        k[:, 20:], v[:, 20:], valid[:, 20:], delta, st, u_clu[:, 20:], u_val[:, 20:], mc
+    )
     labels = torch.cat([a, b], 1)
-    oracle = sequential_oracle(k, v, valid, delta.tolist(), t, S, u_clu, u_val)
+    oracle = sequential_oracle(
+        k, v, valid, delta.tolist(), t, S, u_clu, u_val, None if cap is None else cap[0]
+    )
+    if cap is not None:  # rows differ in their cap: compare row by row
+        oracle = [
+            sequential_oracle(
+                k[r : r + 1], v[r : r + 1], valid[r : r + 1], [float(delta[r])], t, S,
+                u_clu[r : r + 1], u_val[r : r + 1], cap[r],
+            )[0]
+            for r in range(3)
+        ]  # fmt: skip
+        assert st["n_clusters"].tolist() == cap  # every row filled its cap
+        assert int((labels == 0).sum()) > 0
     for r, (lab, counts, samples, slots_v, orig, mu, mu_s) in enumerate(oracle):
         assert labels[r].tolist() == lab
         C = len(counts)
@@ -130,19 +154,29 @@ def test_append_ref_matches_sequential_oracle(d, t, S):
         torch.testing.assert_close(float(st["mu_s"][r]), mu_s, rtol=1e-5, atol=1e-5)
     assert 1 < int(st["n_clusters"].min())  # the case does cluster, and does open clusters
     assert int(st["n_clusters"].max()) < 30
+    if cap is not None:  # each row reaches its cap inside the first call, the second starts at it
+        assert int(st["counts"].sum()) == int(valid.sum())
 
 
 @needs_triton
-@pytest.mark.parametrize("d,t,S,dtype", [(24, 3, 5, torch.float32), (16, 2, 7, torch.bfloat16)])
-def test_append_triton_matches_ref(d, t, S, dtype):
+@pytest.mark.parametrize(
+    "d,t,S,dtype,cap",
+    [
+        (24, 3, 5, torch.float32, None),
+        (16, 2, 7, torch.bfloat16, None),
+        (24, 2, 5, torch.float32, [2, 40, 5]),
+    ],
+)
+def test_append_triton_matches_ref(d, t, S, dtype, cap):
     k, v, valid, u_clu, u_val = stream_case(d=d, t=t, S=S, seed=3)
     k, v = k.to(dtype), v.to(dtype)
-    delta = torch.tensor([2.0, 2.5, 3.0])
+    delta = torch.tensor([2.0, 2.5, 3.0]) / (1 if cap is None else 3)
+    mc = None if cap is None else torch.tensor(cap, dtype=torch.int32)
     states = []
     for fn in (sg.append_ref, sg.append_triton):
         st = sg.new_state(3, 37 + 8, t, S, d, dtype, "cpu")
-        a = fn(k[:, :20], v[:, :20], valid[:, :20], delta, st, u_clu[:, :20], u_val[:, :20])
-        b = fn(k[:, 20:], v[:, 20:], valid[:, 20:], delta, st, u_clu[:, 20:], u_val[:, 20:])
+        a = fn(k[:, :20], v[:, :20], valid[:, :20], delta, st, u_clu[:, :20], u_val[:, :20], mc)
+        b = fn(k[:, 20:], v[:, 20:], valid[:, 20:], delta, st, u_clu[:, 20:], u_val[:, 20:], mc)
         states.append((torch.cat([a, b], 1), st))
     (la, sa), (lb, sb) = states
     assert torch.equal(la, lb)
@@ -155,6 +189,10 @@ def test_append_refuses_too_little_capacity():
     st = sg.new_state(3, 10, 3, 5, 24, torch.float32, "cpu")
     with pytest.raises(ValueError, match="capacity"):
         sg.append_ref(k, v, valid, torch.ones(3), st, u_clu, u_val)
+    sg.append_ref(k, v, valid, torch.ones(3), st, u_clu, u_val, torch.tensor(10))  # cap fits
+    assert int(st["n_clusters"].max()) <= 10
+    with pytest.raises(ValueError, match="max_clusters must be >= 1"):
+        sg.append_ref(k, v, valid, torch.ones(3), st, u_clu, u_val, torch.tensor(0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,6 +370,7 @@ def test_layer_settings_rejected():
         ({"delta": 1.0, "window": 0}, "window"),
         ({}, "exactly one"),
         ({"delta": 1.0, "delta_rel": 0.5}, "exactly one"),
+        ({"delta": 1.0, "max_clusters": 0}, "max_clusters must be"),
     ]:
         with pytest.raises(ValueError, match=match):
             SubGenLayer(**kw)
@@ -343,6 +382,10 @@ def test_layer_settings_rejected():
         kvs_subgen.validate(block, 1)
     block = {"layers": [{"t": 4, "s": 8}], "sinks": 4, "window": 8, "seed": 0}
     with pytest.raises(ValueError, match="no delta"):
+        kvs_subgen.validate(block, 1)
+    block = {"layers": [{"delta": 1.0, "t": 4, "s": 8, "max_clusters": 2.5}], "sinks": 4,
+             "window": 8, "seed": 0}  # fmt: skip
+    with pytest.raises(ValueError, match=r"layers\[0\]\.max_clusters must be an int >= 1 or null"):
         kvs_subgen.validate(block, 1)
 
 
@@ -447,6 +490,28 @@ def test_memory_grows_sublinearly_on_clustered_keys_and_is_seeded():
     assert not torch.equal(other.res_v, layer.res_v)
 
 
+def test_cluster_cap_stops_memory_growth_on_unclustered_keys():
+    """Random keys never cluster: uncapped memory grows linearly; with ``max_clusters``
+    the state stops at the cap, every streamed token still counted in some cluster."""
+    d, g = 16, gen(6)
+    sizes = {}
+    for cap in (None, 40):
+        for n in (400, 1600):
+            layer = SubGenLayer(delta=0.5, t=2, s=16, sinks=2, window=8, max_clusters=cap)
+            k, v = torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, n, d, generator=g)
+            layer.update(k, v)
+            layer.update(k[:, :, :1], v[:, :, :1])
+            out = layer.attend(torch.randn(1, 4, 1, d, generator=g), None, 0.25)
+            assert torch.isfinite(out).all()
+            sizes[cap, n] = layer.nbytes()
+            if cap is not None:
+                assert layer.n_clusters.tolist() == [[cap, cap]]
+                assert layer.centres.shape[2] == 64  # the cap rounded up to a block
+                assert layer.counts.sum(-1).tolist() == [[layer.n_comp] * 2]
+    assert sizes[None, 1600] > 3 * sizes[None, 400]  # one cluster per key
+    assert sizes[40, 1600] == sizes[40, 400] < sizes[None, 400] / 4
+
+
 # ---------------------------------------------------------------------------------------
 # generation with a tiny Llama
 # ---------------------------------------------------------------------------------------
@@ -534,18 +599,24 @@ def calibrated(tiny_llama_dir, tmp_path_factory):
 
 def test_calibration_meets_cluster_target_and_reports_error(calibrated):
     from kvsurgery.recipes import recipe_from_dict
-    from kvsurgery.subgen_calibrate import cluster_budget, runtime_block
+    from kvsurgery.subgen_calibrate import cluster_budget, head_bytes, runtime_block
 
     tmp, man = calibrated
     entry = man["methods"]["subgen"]
     cfg = recipe_from_dict(RECIPE).config
-    target = cluster_budget(16, cfg) * 96 / (256 - 2 - 8)
+    budget = cluster_budget(16, cfg)
+    target = budget * 96 / (256 - 2 - 8)
     for spec in entry["layers"]:
         assert len(spec["delta"]) == 2 and all(x > 0 for x in spec["delta"])  # per kv head
         assert max(spec["sim_clusters"]) <= target and min(spec["sim_clusters"]) >= 1
         assert 0 <= spec["attn_rel_err"] < 10
+        # the cap is the memory target's cluster budget: at most target_ratio of fp16
+        assert spec["max_clusters"] == int(budget) >= 1
+        worst = head_bytes(16, 2, 8, spec["max_clusters"], 2, 16) / (256 * 2 * 16 * 2)
+        assert worst <= cfg.target_ratio and spec["mem_ratio_at_target"] <= cfg.target_ratio
     block = runtime_block(entry)
     assert block["layers"][0]["t"] == 2 and block["window"] == 8
+    assert block["layers"][0]["max_clusters"] == int(budget)
     assert (tmp / "cal" / "subgen" / "result.json").is_file()
     assert "attn err" in (tmp / "cal" / "report.md").read_text()
 

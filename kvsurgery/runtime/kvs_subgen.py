@@ -54,7 +54,9 @@ class SubGenLayer(CompressedLayer):
     Settings: ``delta`` cluster radius (a float, or one per kv head), or ``delta_rel``: the
     radius as a fraction of the median key norm of the first streamed keys of each head
     (training-free use); ``t`` key samples per cluster; ``s`` value slots; ``sinks`` first
-    tokens and ``window`` last tokens kept exact; ``seed`` of the reservoir draws.
+    tokens and ``window`` last tokens kept exact; ``seed`` of the reservoir draws;
+    ``max_clusters`` (optional) clusters per kv head, after which a key that is within
+    ``delta`` of no centre joins the nearest one: the streamed state then stops growing.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class SubGenLayer(CompressedLayer):
         sinks: int = 4,
         window: int = 256,
         seed: int = 0,
+        max_clusters: int | None = None,
     ):
         super().__init__()
         if (delta is None) == (delta_rel is None):
@@ -84,6 +87,9 @@ class SubGenLayer(CompressedLayer):
         for name, lo in (("t", 1), ("s", 1), ("sinks", 0), ("window", 1), ("seed", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"SubGenLayer {name} must be >= {lo}, got {getattr(self, name)}")
+        if max_clusters is not None and (isinstance(max_clusters, bool) or max_clusters < 1):
+            raise ValueError(f"SubGenLayer max_clusters must be >= 1, got {max_clusters!r}")
+        self.max_clusters = None if max_clusters is None else int(max_clusters)
         self.seen = 0
         self.n_comp = 0  # positions streamed (padding included)
         self.last_had_past = False
@@ -157,6 +163,8 @@ class SubGenLayer(CompressedLayer):
             ]
             self._delta_h = (torch.stack(med) * self.delta_rel).clamp_min(1e-6).contiguous()
         need = int(self.n_clusters.max()) + n
+        if self.max_clusters is not None:
+            need = min(need, self.max_clusters)
         if need > self.centres.shape[2]:
             self._resize_clusters(_round_up(need, CLUSTER_BLOCK))
         cap = self.centres.shape[2]
@@ -166,7 +174,7 @@ class SubGenLayer(CompressedLayer):
         kf = k.reshape(BH, n, d)
         vf = v.reshape(BH, n, d)
         rows = {n: getattr(self, n).view(BH, *getattr(self, n).shape[2:]) for n in STATE_KEYS}
-        append(kf, vf, ok, self._delta_h.repeat(B), rows, u_clu, u_val)
+        append(kf, vf, ok, self._delta_h.repeat(B), rows, u_clu, u_val, self.max_clusters)
         self.win_k = self.win_k[:, :, n:].clone()
         self.win_v = self.win_v[:, :, n:].clone()
         self.n_comp += n
@@ -240,7 +248,7 @@ class SubGenLayer(CompressedLayer):
 # -- method interface (see kvs_methods.py) -------------------------------------------------
 BUFFERS: tuple[str, ...] = ()  # SubGen calibrates settings (radii, t, s), not tensors
 # Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
-LAYER_KEYS = ("delta", "t", "s")
+LAYER_KEYS = ("delta", "t", "s", "max_clusters")
 GLOBAL_KEYS = ("delta_rel", "sinks", "window", "seed")
 
 
@@ -263,6 +271,12 @@ def validate(block: dict, num_layers: int) -> None:
                 raise ValueError(
                     f"config.kvsurgery.{_where(spec, i, key)} must be an int >= {lo}, got {v!r}."
                 )
+        cap = _setting(spec, block, "max_clusters")
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(
+                f"config.kvsurgery.{_where(spec, i, 'max_clusters')} must be an int >= 1 or "
+                f"null (no cap), got {cap!r}."
+            )
         delta, rel = _setting(spec, block, "delta"), block.get("delta_rel")
         if delta is None and rel is None:
             raise ValueError(
@@ -295,4 +309,5 @@ def make_layer(mod, spec: dict, block: dict) -> SubGenLayer:
         window=block["window"],
         # decorrelate the layers' reservoir draws
         seed=int(block.get("seed", 0)) * 100_003 + int(getattr(mod, "layer_idx", 0)),
+        max_clusters=_setting(spec, block, "max_clusters"),
     )
