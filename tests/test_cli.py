@@ -135,3 +135,26 @@ def test_export_puts_eval_table_in_card(tiny_llama_dir, tmp_path):
     assert r.exit_code == 0, r.output
     card = (tmp_path / "x" / "README.md").read_text()
     assert "| kvdict | 1.01 |" in card and "trust_remote_code=True" in card
+
+
+def test_demo_prompt_length_and_summary_ratios(tiny_llama_dir):
+    """The demo prompt reaches the requested length (many built-in documents joined), and the
+    summary reports bytes per token against fp16 and against the dense cache of the run."""
+    from transformers import AutoTokenizer
+
+    from kvsurgery.demo import demo_prompt, summarize
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for n in (50, 3000):
+        ids = tok(demo_prompt(tok, n), add_special_tokens=False)["input_ids"]
+        assert n <= len(ids) <= n + 20
+    run = {"tokens": [1, 2], "text": "", "cache_type": "X", "cached_tokens": 100}
+    res = {
+        "compressed": {**run, "cache_bytes": 100 * 300},
+        "dense": {**run, "cache_type": "DynamicCache", "cache_bytes": 100 * 2000},
+        "fp16_bytes_per_token": 1000,
+        "dtype": "float32",
+    }
+    s = summarize(res)
+    assert s["kv_memory_vs_fp16"] == "30.0%" and s["kv_memory_vs_dense_cache_same_run"] == "15.0%"
+    assert s["model_dtype"] == "float32" and s["greedy_tokens_equal_to_dense"] == "2/2"
