@@ -78,20 +78,26 @@ def cluster_budget(d: int, cfg) -> float:
     return rest / ((cfg.t + 1) * d * _ELEM + 4)
 
 
+def _cluster_room(d: int, cfg, layer: int, fix: str) -> float:
+    """:func:`cluster_budget`, or an error naming ``fix`` when it leaves less than one."""
+    budget = cluster_budget(d, cfg)
+    if budget < 1:
+        raise KVSurgeryError(
+            f"layer {layer}: target_ratio {cfg.target_ratio} leaves no room for clusters at "
+            f"target_context {cfg.target_context} once sinks, window and s={cfg.s} value "
+            f"slots are paid; {fix}."
+        )
+    return budget
+
+
 def max_clusters(d: int, cfg, layer: int) -> int | None:
     """The runtime cap on clusters per kv head (``cap_clusters``): the cluster budget of the
     memory target, so the cache holds at most ``target_ratio`` of fp16 at ``target_context``
     and stops growing past it. None when the recipe leaves clusters unbounded."""
     if not cfg.cap_clusters:
         return None
-    cap = math.floor(cluster_budget(d, cfg))
-    if cap < 1:
-        raise KVSurgeryError(
-            f"layer {layer}: target_ratio {cfg.target_ratio} leaves no room for clusters at "
-            f"target_context {cfg.target_context} once sinks, window and s={cfg.s} value slots "
-            "are paid; raise target_ratio, lower window / s, or set cap_clusters: false."
-        )
-    return cap
+    fix = "raise target_ratio, lower window / s, or set cap_clusters: false"
+    return math.floor(_cluster_room(d, cfg, layer, fix))
 
 
 # -- simulation -----------------------------------------------------------------------------
@@ -213,13 +219,7 @@ def calibrate_subgen(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             delta = torch.full((k.shape[0],), float(cfg.delta))
             clusters = count_clusters(k, delta)
         else:
-            per_target = cluster_budget(d, cfg)
-            if per_target < 1:
-                raise KVSurgeryError(
-                    f"layer {i}: target_ratio {cfg.target_ratio} leaves no room for clusters at "
-                    f"target_context {cfg.target_context} once sinks, window and s={cfg.s} value "
-                    "slots are paid; raise target_ratio or lower window / s."
-                )
+            per_target = _cluster_room(d, cfg, i, "raise target_ratio or lower window / s")
             target = max(1.0, per_target * min(1.0, n / n_stream))
             delta, clusters = search_delta(k, target, cfg.per_head)
         t, s = cfg.t, cfg.s

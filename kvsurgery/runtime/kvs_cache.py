@@ -302,12 +302,13 @@ def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
             raise ValueError(
                 f"layer {i} {KEY_MAP} is singular; the checkpoint's weights are damaged."
             )
-        mod._kvs_qmap = torch.linalg.inv(kmap).transpose(-1, -2).float().contiguous()
-        mod._kvs_kmap = kmap.float()
         diag = torch.diagonal(kmap, dim1=-2, dim2=-1)
         if bool((kmap == torch.diag_embed(diag)).all()):
             mod._kvs_kmap = diag.float().contiguous()
             mod._kvs_qmap = (1 / diag).float().contiguous()
+        else:
+            mod._kvs_kmap = kmap.float()
+            mod._kvs_qmap = torch.linalg.inv(kmap).transpose(-1, -2).float().contiguous()
 
 
 def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
@@ -323,6 +324,6 @@ def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
         flush=block["flush"],
         omp_tol=block.get("omp_tol"),
         coef_dtype=block.get("coef_dtype", "float8_e4m3fn"),
-        kmap=mod._kvs_kmap if block.get("key_map") else None,
+        kmap=mod._kvs_kmap,
         qmap=mod._kvs_qmap,
     )
