@@ -29,13 +29,26 @@ later arrivals replace slots with the paper's probabilities and the weights are 
 so the estimates stay unbiased (see :func:`append_ref`). With every key its own cluster
 and at most ``s`` streamed tokens the output equals exact attention.
 
+Also beyond the paper, the ``mean`` estimator (:func:`merge_append`): each cluster keeps
+its mean key, mean value and size (one slot, ``t = 1``, whose value is in ``sample_v``; no
+value reservoir, ``s = 0``), and the estimate reads it like one token::
+
+    out = (N_exact + sum_c n_c exp(l(mean_k_c)) mean_v_c) / (Z_exact + sum_c n_c exp(l(mean_k_c)))
+
+Biased (Jensen: it under-weights spread-out clusters) but deterministic and much less noisy
+than sampling; the estimate kernel serves both (cluster slots with values enter the
+numerator too).
+
 Public entry points (``*_ref`` torch reference, ``*_triton`` kernel, bare name dispatches:
 Triton for CUDA tensors, else the reference):
 
 * :func:`value_accept_probs` -- running ``|v|^2`` totals and each token's replacement
   probability (shared by both paths, so they take identical decisions);
 * :func:`append` -- cluster assignment + cluster and value reservoir updates, in place;
-* :func:`estimate_attention` -- estimator + exact attention for any number of queries.
+* :func:`estimate_attention` -- estimator + exact attention for any number of queries;
+* :func:`merge_append` -- beyond the paper, the ``mean`` estimator's clustering (k-means
+  once the cap is first reached, then nearest-mean joins): torch on every device, its
+  work is a few matmuls and scatters per call.
 
 Randomness is passed in (uniforms drawn by the caller), so the two paths take the same
 decisions and a seeded caller is reproducible. This file is copied flat into exported
@@ -65,6 +78,7 @@ __all__ = [
     "estimate_attention",
     "estimate_attention_ref",
     "estimate_attention_triton",
+    "merge_append",
     "triton_interpreter_active",
     "value_accept_probs",
 ]
@@ -141,14 +155,26 @@ STATE_KEYS = (
     "n_val",
     "mu",
     "mu_s",
+    "sample_v",
 )
 
 
-def new_state(BH: int, cap: int, t: int, s: int, d: int, dtype, device) -> dict:
-    """An empty SubGen state for ``BH`` rows (see :func:`append_ref` for the fields)."""
+def new_state(
+    BH: int, cap: int, t: int, s: int, d: int, dtype, device, estimator: str = "sampled"
+) -> dict:
+    """An empty SubGen state for ``BH`` rows (see :func:`append_ref` for the fields).
+
+    ``estimator="mean"`` (:func:`merge_append`): the cluster slots carry values too
+    (``sample_v (BH, cap, t, d)``) and there are no fixed centres (``centres`` has no rows:
+    a cluster's mean key is its centre). Otherwise (``"sampled"``, the paper's)
+    ``sample_v`` has zero slots and the numerator comes from the value reservoir alone.
+    """
+    if estimator not in ("sampled", "mean"):
+        raise ValueError(f"estimator must be 'sampled' or 'mean', got {estimator!r}")
+    mean = estimator == "mean"
     z = dict(dtype=dtype, device=device)
     return {
-        "centres": torch.zeros(BH, cap, d, **z),
+        "centres": torch.zeros(BH, 0 if mean else cap, d, **z),
         "counts": torch.zeros(BH, cap, dtype=torch.int32, device=device),
         "n_clusters": torch.zeros(BH, dtype=torch.int32, device=device),
         "samples": torch.zeros(BH, cap, t, d, **z),
@@ -158,6 +184,7 @@ def new_state(BH: int, cap: int, t: int, s: int, d: int, dtype, device) -> dict:
         "n_val": torch.zeros(BH, dtype=torch.int32, device=device),
         "mu": torch.zeros(BH, dtype=torch.float32, device=device),
         "mu_s": torch.zeros(BH, dtype=torch.float32, device=device),
+        "sample_v": torch.zeros(BH, cap, t if mean else 0, d, **z),
     }
 
 
@@ -326,6 +353,127 @@ def append_ref(
     return labels
 
 
+def _lloyd(pts, w, init, iters: int):
+    """Weighted Lloyd k-means of ``pts (P, d)`` (fp32, weights ``w (P,)``) from centres
+    ``init (C, d)``: ``iters`` (at least 1) rounds of nearest-centre assignment (lowest id
+    on a tie) and weighted-mean update; a centre left without members stays where it is.
+    Returns ``(labels (P,) int64, centres (C, d))`` of the last round: each centre with
+    members is the weighted mean of them."""
+    cent = init.clone()
+    for _ in range(max(1, iters)):
+        lab = _sq_dist(pts[None], cent[None])[0].argmin(-1)
+        wsum = torch.zeros(cent.shape[0], device=pts.device).index_add_(0, lab, w)
+        sums = torch.zeros_like(cent).index_add_(0, lab, pts * w[:, None])
+        cent = torch.where(wsum[:, None] > 0, sums / wsum.clamp(min=1e-30)[:, None], cent)
+    return lab, cent
+
+
+def merge_append(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    state: dict,
+    max_clusters: int | torch.Tensor,
+    iters: int = 6,
+) -> torch.Tensor:
+    """Stream ``M`` new tokens per row into mean clusters (the ``mean`` estimator), in place.
+
+    Beyond the paper: each cluster keeps the mean key and mean value of its members and
+    their count (``t = 1`` slot, ``sample_v`` holding the mean value, no value reservoir),
+    and attention reads a cluster as one token of logit ``l(mean key) + log(count)``
+    carrying the mean value. Deterministic (no draws). Per row, with ``n`` clusters and
+    ``L = max_clusters``:
+
+    * while the valid new tokens fit (``n + m <= L``) each opens a cluster of its own, in
+      order: short streams are exact;
+    * the call that first overflows (``n < L < n + m``, usually the prompt's) runs a
+      weighted k-means over the existing clusters (weight = count) and the new tokens
+      into ``L`` clusters: centres start at the existing means and ``L - n`` evenly spaced
+      new tokens, then ``iters`` Lloyd rounds (L2, lowest id on a tie);
+    * once full (``n == L``) each new token joins the nearest mean key as it was at the
+      start of the call, and the means and counts absorb the call's tokens.
+
+    Means are kept in the state dtype, updated in fp32. Returns labels ``(BH, M)`` int64
+    (-1 for invalid tokens). State fields (:func:`new_state` with ``estimator="mean"``):
+    ``samples (BH, Cap, 1, d)`` mean keys,
+    ``sample_v (BH, Cap, 1, d)`` mean values, ``counts (BH, Cap)``, ``n_clusters (BH,)``
+    (``Cap >= min(n_clusters + M, max_clusters)``); the others are left alone.
+    """
+    mk, mv = state["samples"], state["sample_v"]
+    counts, n_clusters = state["counts"], state["n_clusters"]
+    if mk.shape[2] != 1 or mv.shape[2] != 1:
+        raise ValueError("the mean estimator keeps one key and one value slot per cluster (t = 1)")
+    BH, M, d = k.shape
+    Cap = mk.shape[1]
+    dev = k.device
+    limit = _cluster_limit(max_clusters, BH, dev)
+    _check_capacity(n_clusters, M, limit, Cap)
+    labels = torch.full((BH, M), -1, dtype=torch.int64, device=dev)
+    if BH == 0 or M == 0:
+        return labels
+    n0 = n_clusters.long()
+    m = valid.long().sum(1)
+    room = limit - n0
+    rank = torch.cumsum(valid.long(), 1) - 1
+    cid = torch.arange(Cap, device=dev)
+    # rows whose tokens all fit: each opens its own cluster
+    fit = valid & (m <= room)[:, None]
+    labels = torch.where(fit, n0[:, None] + rank, labels)
+    if bool(fit.any()):
+        r, j = fit.nonzero(as_tuple=True)
+        c = labels[r, j]
+        mk[r, c, 0] = k[r, j].to(mk.dtype)
+        mv[r, c, 0] = v[r, j].to(mv.dtype)
+        counts[r, c] = 1
+    # full rows: nearest mean key as of the start of the call, then running means
+    join = valid & ((room <= 0) & (m > 0))[:, None]
+    if bool(join.any()):
+        c_used = int(n0.max())
+        d2 = _sq_dist(k, mk[:, :c_used, 0])
+        d2 = torch.where(cid[:c_used][None, None, :] < n0[:, None, None], d2, torch.inf)
+        labels = torch.where(join, d2.argmin(-1), labels)
+        lab = torch.where(join, labels, Cap)  # Cap: a scratch column for the other tokens
+        add = torch.zeros(BH, Cap + 1, dtype=torch.float32, device=dev)
+        add.scatter_add_(1, lab, join.float())
+        sk = torch.zeros(BH, Cap + 1, d, dtype=torch.float32, device=dev)
+        sv = torch.zeros_like(sk)
+        sk.scatter_add_(1, lab[..., None].expand(BH, M, d), k.float() * join[..., None])
+        sv.scatter_add_(1, lab[..., None].expand(BH, M, d), v.float() * join[..., None])
+        add, sk, sv = add[:, :Cap], sk[:, :Cap], sv[:, :Cap]
+        old = counts.float()
+        new = old + add
+        hit = (add > 0)[..., None]
+        inv = 1.0 / new.clamp(min=1)[..., None]
+        mk[:, :, 0] = torch.where(
+            hit, (mk[:, :, 0].float() * old[..., None] + sk) * inv, mk[:, :, 0].float()
+        ).to(mk.dtype)
+        mv[:, :, 0] = torch.where(
+            hit, (mv[:, :, 0].float() * old[..., None] + sv) * inv, mv[:, :, 0].float()
+        ).to(mv.dtype)
+        counts.copy_(new.round().to(counts.dtype))
+    # rows overflowing for the first time: weighted k-means, one row at a time (once per row)
+    for r in ((room > 0) & (m > room)).nonzero().flatten().tolist():
+        n, L = int(n0[r]), int(limit[r])
+        tok = valid[r].nonzero().flatten()
+        w = torch.cat([counts[r, :n].float(), torch.ones(len(tok), device=dev)])
+        pk = torch.cat([mk[r, :n, 0].float(), k[r, tok].float()])
+        pv = torch.cat([mv[r, :n, 0].float(), v[r, tok].float()])
+        pick = n + torch.div(
+            torch.arange(L - n, device=dev) * len(tok), L - n, rounding_mode="floor"
+        )
+        lab, ck = _lloyd(pk, w, pk[torch.cat([torch.arange(n, device=dev), pick])], iters)
+        wsum = torch.zeros(L, device=dev).index_add_(0, lab, w)
+        cv = torch.zeros(L, d, device=dev).index_add_(0, lab, pv * w[:, None])
+        # an empty cluster keeps its centre (a later token may join it), count and value 0
+        mk[r, :L, 0] = ck.to(mk.dtype)
+        mv[r, :L, 0] = (cv / wsum.clamp(min=1e-30)[:, None]).to(mv.dtype)
+        counts[r, :L] = wsum.round().to(counts.dtype)
+        labels[r, tok] = lab[n:]
+        n_clusters[r] = L
+    n_clusters.copy_(torch.where(fit.any(1), n0 + m, n_clusters.long()).to(n_clusters.dtype))
+    return labels
+
+
 def _slot_weights(res_v, res_orig, mu, mu_s) -> torch.Tensor:
     """Numerator weight of each value slot: ``mu / mu_s`` for a slot still holding its
     original token, ``mu / (s |v|^2)`` for a replaced one, 0 for an unused slot.
@@ -358,7 +506,9 @@ def estimate_attention_ref(
             enters the streams).
         state: the :data:`STATE_KEYS` tensors with a ``(B, H_kv)`` row shape: ``samples (B,
             H_kv, C, t, d)``, ``counts (B, H_kv, C)``, ``res_k/res_v (B, H_kv, s, d)``,
-            ``res_orig (B, H_kv, s)``, ``mu``/``mu_s`` ``(B, H_kv)`` (the others are unused).
+            ``res_orig (B, H_kv, s)``, ``mu``/``mu_s`` ``(B, H_kv)``, and ``sample_v (B, H_kv, C,
+            t or 0, d)``: with t slots the cluster samples enter the numerator too (the
+            ``mean`` estimator, whose ``s`` is 0); the others are unused.
         scale: softmax scale.
 
     Returns:
@@ -389,6 +539,9 @@ def estimate_attention_ref(
     p_ex, p_sm, p_rv = (torch.exp(x - mx) for x in (s_ex, s_sm, s_rv))
     den = p_ex.sum(-1) + (p_sm * w_sm[:, :, None]).sum(-1)
     num = torch.matmul(p_ex, v_ex.float()) + torch.matmul(p_rv * w_rv[:, :, None], rv)
+    sv = state.get("sample_v")
+    if sv is not None and sv.shape[-2] > 0:  # cluster slots carry values (mean estimator)
+        num = num + torch.matmul(p_sm * w_sm[:, :, None], sv.float().reshape(B, H_kv, C * t, d))
     out = num * torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)[..., None]
     return out.reshape(B, H, Q, d).to(q.dtype)
 
@@ -567,6 +720,7 @@ if _HAS_TRITON:
         stride_mb,
         stride_mq,
         smp_ptr,
+        smpv_ptr,
         cnt_ptr,
         rk_ptr,
         rv_ptr,
@@ -582,6 +736,7 @@ if _HAS_TRITON:
         G: tl.constexpr,  # query heads per kv head (row -> head arithmetic folds)
         T: tl.constexpr,  # samples per cluster (sample -> cluster division folds)
         S: tl.constexpr,  # value slots
+        SMP_V: tl.constexpr,  # cluster slots carry values (numerator too)
         HAS_MASK: tl.constexpr,  # no mask: skip its loads entirely
         D: tl.constexpr,  # head dim
         D_P: tl.constexpr,  # next pow2 of D (tile dimension)
@@ -591,8 +746,8 @@ if _HAS_TRITON:
         """Grid ``(cdiv(G*Q, BLOCK_R), B*H_kv)``. Rows ``r = gi*Q + qi`` are the group's
         query heads x queries, so each K/V row is read once for the whole group (no GQA
         copy). Three passes share one online softmax: exact tokens (masked per query),
-        cluster samples (denominator only, weight ``n_c / min(n_c, t)`` on the filled
-        slots), value slots (numerator only, weights of :func:`_slot_weights`). Writes
+        cluster samples (denominator, and numerator too with ``SMP_V``; weight ``n_c / min(n_c,
+        t)`` on the filled slots), value slots (numerator only, weights of :func:`_slot_weights`). Writes
         ``out (B, H, Q, D)`` fp32."""
         pid_r = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
@@ -664,7 +819,15 @@ if _HAS_TRITON:
             w = tl.where((offs_n % T).to(tl.float32) < n_f, n_c / tl.maximum(n_f, 1.0), 0.0)
             s = tl.sum(qv[:, None, :] * kk[None, :, :], axis=2)
             s = tl.where(rmask[:, None] & (w > 0)[None, :], s, float("-inf"))
-            m, lsum, acc = _online(m, lsum, acc, s, w, kk, False, True)
+            if SMP_V:
+                vv = tl.load(
+                    smpv_ptr + (pid_bh * C * T + offs_n[:, None]) * D + offs_d[None, :],
+                    mask=nmask[:, None] & dmask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                m, lsum, acc = _online(m, lsum, acc, s, w, vv, True, True)
+            else:
+                m, lsum, acc = _online(m, lsum, acc, s, w, kk, False, True)
         # value slots: numerator only
         mu = tl.load(mu_ptr + pid_bh)
         mu_s = tl.load(mus_ptr + pid_bh)
@@ -779,6 +942,8 @@ def estimate_attention_triton(q, k_ex, v_ex, mask_ex, state: dict, scale: float)
     g = H // H_kv
     C, t = state["samples"].shape[2], state["samples"].shape[3]
     S = state["res_k"].shape[2]
+    sv = state.get("sample_v")
+    has_sv = sv is not None and sv.shape[-2] > 0
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_ex = k_ex if k_ex.stride(-1) == 1 else k_ex.contiguous()
     v_ex = v_ex if v_ex.stride(-1) == 1 else v_ex.contiguous()
@@ -804,6 +969,7 @@ def estimate_attention_triton(q, k_ex, v_ex, mask_ex, state: dict, scale: float)
         v_ex.stride(2),
         *m_args,
         state["samples"].contiguous(),
+        sv.contiguous() if has_sv else q,  # never read without SMP_V
         state["counts"].to(torch.int32).contiguous(),
         state["res_k"].contiguous(),
         state["res_v"].contiguous(),
@@ -819,6 +985,7 @@ def estimate_attention_triton(q, k_ex, v_ex, mask_ex, state: dict, scale: float)
         G=g,
         T=t,
         S=S,
+        SMP_V=has_sv,
         HAS_MASK=mask_ex is not None,
         D=d,
         D_P=_next_pow2(max(d, 16)),

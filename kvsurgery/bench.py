@@ -77,6 +77,8 @@ class BenchConfig:
     subgen_window: int = 256
     subgen_delta_rel: float = 0.5
     subgen_cluster_tokens: int = 80
+    subgen_estimator: str = "sampled"
+    subgen_max_clusters: int | None = None
     # timing
     repeats: int | None = None  # CUDA 200, CPU 5
     warmup: int | None = None  # CUDA 20, CPU 1
@@ -104,6 +106,16 @@ class BenchConfig:
         _check_min("subgen_sinks", self.subgen_sinks, 0)
         if not isinstance(self.subgen_delta_rel, (int, float)) or not self.subgen_delta_rel > 0:
             raise KVSurgeryError(f"--subgen-delta-rel must be > 0, got {self.subgen_delta_rel!r}.")
+        if self.subgen_estimator not in ("sampled", "mean"):
+            raise KVSurgeryError(
+                f"--subgen-estimator must be sampled or mean, got {self.subgen_estimator!r}."
+            )
+        if self.subgen_max_clusters is not None:
+            _check_min("subgen_max_clusters", self.subgen_max_clusters, 1)
+        elif self.subgen_estimator == "mean":
+            raise KVSurgeryError(
+                "--subgen-estimator mean needs --subgen-max-clusters (the cluster means kept)."
+            )
         for name in ("tokens_per_cluster", "kmeans_iters", "gen_tokens", "gen_batch"):
             _check_min(name, getattr(self, name), 1)
         for name in ("kvdict_sinks", "kvdict_buffer", "cluster_sinks", "window"):
@@ -215,7 +227,9 @@ def results_table(results: dict) -> str:
         f"# shape: {s['heads']} query / {s['kv_heads']} kv heads, d={s['head_dim']}, {s['dtype']}; "
         f"kvdict s_k={s['s_k']} s_v={s['s_v']} N={s['n_atoms']} (random unit-norm dictionaries, per-pair key map); "
         f"clusterkv budget={s['budget']} window={s['window']}; subgen t={s['subgen_t']} "
-        f"s={s['subgen_s']} window={s['subgen_window']} delta_rel={s['subgen_delta_rel']}"
+        f"s={s['subgen_s']} window={s['subgen_window']} delta_rel={s['subgen_delta_rel']} "
+        f"estimator={s.get('subgen_estimator', 'sampled')} "
+        f"max_clusters={s.get('subgen_max_clusters')}"
     )
     dec = results["decode"]
     methods = _methods_in(dec)
@@ -459,6 +473,19 @@ def _names(ctx, param, value):
     default=80,
     show_default=True,
     help="SubGen: bench keys are drawn around context / this many centres.",
+)
+@click.option(
+    "--subgen-estimator",
+    type=click.Choice(["sampled", "mean"]),
+    default="sampled",
+    show_default=True,
+    help="SubGen estimator: the paper's sampling, or kvsurgery's cluster means.",
+)
+@click.option(
+    "--subgen-max-clusters",
+    type=int,
+    default=None,
+    help="SubGen clusters per kv head at most (required with --subgen-estimator mean).",
 )
 @click.option(
     "--repeats",

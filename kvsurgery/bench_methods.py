@@ -337,7 +337,9 @@ def _subgen_layer(cfg: BenchConfig):
     from .runtime.kvs_subgen import SubGenLayer
 
     return SubGenLayer(delta_rel=cfg.subgen_delta_rel, t=cfg.subgen_t, s=cfg.subgen_s,
-                       sinks=cfg.subgen_sinks, window=cfg.subgen_window, seed=cfg.seed)  # fmt: skip
+                       sinks=cfg.subgen_sinks, window=cfg.subgen_window, seed=cfg.seed,
+                       max_clusters=cfg.subgen_max_clusters,
+                       estimator=cfg.subgen_estimator)  # fmt: skip
 
 
 def _clustered_keys(shape: Shape, cfg: BenchConfig, L: int, g) -> torch.Tensor:
@@ -400,7 +402,11 @@ def _subgen_install(model, cfg: BenchConfig, g):
     block = {
         "format_version": FORMAT_VERSION,
         "method": "subgen",
-        "layers": [{"t": cfg.subgen_t, "s": cfg.subgen_s} for _ in range(n)],
+        "layers": [
+            {"t": cfg.subgen_t, "s": cfg.subgen_s, "max_clusters": cfg.subgen_max_clusters}
+            for _ in range(n)
+        ],
+        "estimator": cfg.subgen_estimator,
         "delta_rel": cfg.subgen_delta_rel,
         "sinks": cfg.subgen_sinks,
         "window": cfg.subgen_window,

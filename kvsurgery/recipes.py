@@ -197,7 +197,11 @@ class ClusterKVConfig:
 class SubGenConfig:
     """SubGen (streaming threshold clustering of keys + l2 value sampling): sublinear-memory
     cache. Calibration picks the cluster radius per layer (and kv head) to meet a memory
-    target, and optionally t / s per layer to meet a measured attention-output error."""
+    target, and optionally t / s per layer to meet a measured attention-output error.
+
+    ``estimator: mean`` (beyond the paper) keeps per cluster the mean key, mean value and
+    count instead of sampled keys and a value reservoir: no radius, t or s; the cluster cap
+    comes from the memory target and the clusters from k-means when it is first reached."""
 
     target_ratio: float = 0.25  # cache bytes over the fp16 full cache at target_context
     target_context: int = 8192
@@ -212,6 +216,8 @@ class SubGenConfig:
     # cap each head's clusters at what target_ratio leaves at target_context (a key then
     # joins the nearest centre): memory stops growing there. false: unbounded (the paper)
     cap_clusters: bool = True
+    estimator: str = "sampled"  # "sampled" (the paper's) or "mean" (cluster means, beyond it)
+    kmeans_iters: int = 6  # mean estimator: Lloyd rounds when the cap is first reached
     sinks: int = 4  # exact tokens at the start
     window: int = 256  # exact recent tokens
     sim_tokens: int = 4096  # captured keys per head streamed to simulate a context
@@ -227,7 +233,17 @@ class SubGenConfig:
             "target_ratio",
             f"must be in (0, 1], got {self.target_ratio}",
         )
-        for k in ("t", "s", "window", "sim_tokens", "eval_queries"):
+        _require(
+            self.estimator in ("sampled", "mean"),
+            "estimator",
+            f"must be 'sampled' (the paper's) or 'mean', got {self.estimator!r}",
+        )
+        _require(
+            self.estimator != "mean" or self.cap_clusters,
+            "cap_clusters",
+            "must be true with estimator: mean (the cap is the number of cluster means kept)",
+        )
+        for k in ("t", "s", "window", "sim_tokens", "eval_queries", "kmeans_iters"):
             _require(getattr(self, k) >= 1, k, f"must be >= 1, got {getattr(self, k)}")
         for k in ("sinks", "seed"):
             _require(getattr(self, k) >= 0, k, f"must be >= 0, got {getattr(self, k)}")

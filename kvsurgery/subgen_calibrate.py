@@ -20,6 +20,11 @@ seeded random order) are streamed through the runtime's own clustering
   exact attention over the same keys (no sinks or window: the streamed part alone, the
   part SubGen approximates), averaged over two reservoir seeds.
 
+With ``estimator: mean`` (beyond the paper) there is no radius, t or s: the cap alone
+(clusters the memory target leaves, each a mean key, mean value and count) sets memory,
+and the error is measured with the keys streamed through
+:func:`kvsurgery.kernels.subgen.merge_append` at the cap scaled to the simulated length.
+
 Writes ``subgen/result.json``. No tensors are learned: the settings go into the config
 block, so ``load_tensors`` returns nothing. ``default_entry`` gives a training-free entry
 (radius relative to the key norm, measured at runtime).
@@ -38,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .capture import load_layer
 from .errors import KVSurgeryError
-from .kernels.subgen import append_ref, estimate_attention_ref, new_state
+from .kernels.subgen import append_ref, estimate_attention_ref, merge_append, new_state
 from .recipes import Recipe
 
 SUBDIR = "subgen"
@@ -63,29 +68,41 @@ def compressed_layers(dims: dict, recipe: Recipe) -> list[bool]:
 # -- memory model ---------------------------------------------------------------------------
 
 
-def head_bytes(d: int, sinks: int, window: int, clusters: float, t: int, s: int) -> float:
+def _cluster_bytes(d: int, t: int, estimator: str) -> int:
+    if estimator == "mean":
+        return 2 * d * _ELEM + 4  # mean key + mean value + count
+    return (t + 1) * d * _ELEM + 4  # centre + t samples + count
+
+
+def head_bytes(
+    d: int, sinks: int, window: int, clusters: float, t: int, s: int, estimator: str = "sampled"
+) -> float:
     """Bytes of one kv head's SubGen state (fp16 tensors, int32 counts, int8 slot flags)."""
     exact = (sinks + window) * 2 * d * _ELEM
-    cluster = clusters * ((t + 1) * d * _ELEM + 4)  # centre + t samples + count
-    values = s * (2 * d * _ELEM + 1)
+    cluster = clusters * _cluster_bytes(d, t, estimator)
+    values = 0 if estimator == "mean" else s * (2 * d * _ELEM + 1)
     return exact + cluster + values
 
 
 def cluster_budget(d: int, cfg) -> float:
     """Clusters per kv head the memory target leaves at ``target_context``."""
     budget = cfg.target_ratio * cfg.target_context * 2 * d * _ELEM
-    rest = budget - head_bytes(d, cfg.sinks, cfg.window, 0, cfg.t, cfg.s)
-    return rest / ((cfg.t + 1) * d * _ELEM + 4)
+    rest = budget - head_bytes(d, cfg.sinks, cfg.window, 0, cfg.t, cfg.s, cfg.estimator)
+    return rest / _cluster_bytes(d, cfg.t, cfg.estimator)
 
 
 def _cluster_room(d: int, cfg, layer: int, fix: str) -> float:
     """:func:`cluster_budget`, or an error naming ``fix`` when it leaves less than one."""
     budget = cluster_budget(d, cfg)
     if budget < 1:
+        paid = (
+            "sinks and window"
+            if cfg.estimator == "mean"
+            else f"sinks, window and s={cfg.s} value slots"
+        )
         raise KVSurgeryError(
             f"layer {layer}: target_ratio {cfg.target_ratio} leaves no room for clusters at "
-            f"target_context {cfg.target_context} once sinks, window and s={cfg.s} value "
-            f"slots are paid; {fix}."
+            f"target_context {cfg.target_context} once {paid} are paid; {fix}."
         )
     return budget
 
@@ -96,16 +113,41 @@ def max_clusters(d: int, cfg, layer: int) -> int | None:
     and stops growing past it. None when the recipe leaves clusters unbounded."""
     if not cfg.cap_clusters:
         return None
-    fix = "raise target_ratio, lower window / s, or set cap_clusters: false"
+    if cfg.estimator == "mean":
+        fix = "raise target_ratio or lower window"
+    else:
+        fix = "raise target_ratio, lower window / s, or set cap_clusters: false"
     return math.floor(_cluster_room(d, cfg, layer, fix))
+
+
+def _mean_layer(i: int, k, v, q, d: int, cfg, n_stream: int, scale: float) -> dict:
+    """The mean estimator's entry for layer ``i``: the cap from the memory target and the
+    error measured at that cap scaled to the simulated length (same merge ratio)."""
+    cap = max_clusters(d, cfg, i)
+    H, n = k.shape[:2]
+    sim_cap = max(1, min(n, round(cap * n / n_stream)))
+    err = attention_error(k, v, q, None, 1, 0, scale, mean_cap=sim_cap, iters=cfg.kmeans_iters)
+    mem = head_bytes(d, cfg.sinks, cfg.window, min(cap, n_stream), 1, 0, "mean")
+    return {
+        "max_clusters": cap,
+        "sim_tokens": int(n),
+        "sim_clusters": [sim_cap] * H,
+        "attn_rel_err": round(err, 5),
+        "mem_ratio_at_target": round(min(1.0, mem / (cfg.target_context * 2 * d * _ELEM)), 4),
+    }
 
 
 # -- simulation -----------------------------------------------------------------------------
 
 
-def _stream(k, v, delta, t, s, seed):
-    """Stream ``k, v`` ``(H, n, d)`` into a fresh state per head; returns the state."""
+def _stream(k, v, delta, t, s, seed, mean_cap=None, iters=6):
+    """Stream ``k, v`` ``(H, n, d)`` into a fresh state per head; returns the state. With
+    ``mean_cap`` the mean estimator's clustering at that cap (``delta, t, s`` unused)."""
     H, n, d = k.shape
+    if mean_cap is not None:
+        state = new_state(H, min(n, mean_cap), 1, 0, d, k.dtype, k.device, "mean")
+        merge_append(k, v, torch.ones(H, n, dtype=torch.bool), state, mean_cap, iters)
+        return state
     state = new_state(H, n, t, s, d, k.dtype, k.device)
     g = torch.Generator().manual_seed(seed)
     ok = torch.ones(H, n, dtype=torch.bool)
@@ -141,16 +183,17 @@ def search_delta(
     return delta, count_clusters(k, delta)
 
 
-def attention_error(k, v, q, delta, t, s, scale, seed=0) -> float:
+def attention_error(k, v, q, delta, t, s, scale, seed=0, mean_cap=None, iters=6) -> float:
     """Mean relative error of SubGen's estimate of attention over ``k, v`` ``(H, n, d)`` for
-    queries ``q`` ``(H, nq, d)`` (query rows of the kv head), over ``_ERROR_SEEDS`` seeds."""
+    queries ``q`` ``(H, nq, d)`` (query rows of the kv head), over ``_ERROR_SEEDS`` seeds
+    (one with ``mean_cap``: the mean estimator draws nothing)."""
     H, n, d = k.shape
     qf = q.float()
     exact = torch.softmax(qf @ k.float().transpose(1, 2) * scale, -1) @ v.float()  # (H, nq, d)
     none = k.new_zeros(1, H, 0, d)
     errs = []
-    for r in range(_ERROR_SEEDS):
-        state = _stream(k, v, delta, t, s, seed + r)
+    for r in range(1 if mean_cap is not None else _ERROR_SEEDS):
+        state = _stream(k, v, delta, t, s, seed + r, mean_cap, iters)
         st = {name: x[None] for name, x in state.items()}
         est = estimate_attention_ref(qf[None], none, none, None, st, scale)[0]
         rel = (est - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)
@@ -214,6 +257,10 @@ def calibrate_subgen(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             continue
         cfg = recipe.for_layer(i, dims["layer_types"][i])
         k, v, q = _layer_vectors(load_layer(calib_dir, i), dims, cfg, base.seed + i)
+        if cfg.estimator == "mean":
+            per_layer.append(_mean_layer(i, k, v, q, d, cfg, n_stream, scale))
+            bar.update(1)
+            continue
         n = k.shape[1]
         if cfg.delta is not None:
             delta = torch.full((k.shape[0],), float(cfg.delta))
@@ -269,10 +316,17 @@ def calibrate_subgen(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
     bar.close()
     result = {"recipe": recipe.to_dict(), "recipe_hash": _recipe_hash(recipe), "layers": per_layer}
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    cols = {
-        "delta": [_fmt_delta(p) for p in per_layer],
-        "t": [p.get("t", "-") for p in per_layer],
-        "s": [p.get("s", "-") for p in per_layer],
+    cols = (
+        {}
+        if base.estimator == "mean"
+        else {
+            "delta": [_fmt_delta(p) for p in per_layer],
+            "t": [p.get("t", "-") for p in per_layer],
+            "s": [p.get("s", "-") for p in per_layer],
+        }
+    )
+    cols |= {
+        "max clusters": [p.get("max_clusters", "-") for p in per_layer],
         "clusters": [
             "-" if p.get("dense") else round(sum(p["sim_clusters"]) / len(p["sim_clusters"]), 1)
             for p in per_layer
@@ -311,7 +365,10 @@ def runtime_block(entry: dict) -> dict:
         else {k: spec[k] for k in ("delta", "t", "s", "max_clusters") if spec.get(k) is not None}
         for spec in entry["layers"]
     ]
-    return {"layers": layers, **{k: st[k] for k in ("sinks", "window", "seed", "delta_rel")}}
+    block = {"layers": layers, **{k: st[k] for k in ("sinks", "window", "seed", "delta_rel")}}
+    if st.get("estimator", "sampled") == "mean":  # older calibrations predate the key
+        block.update(estimator="mean", kmeans_iters=st["kmeans_iters"])
+    return block
 
 
 def load_tensors(calib_dir, entry: dict) -> dict:
@@ -330,8 +387,11 @@ def default_entry(dims: dict, recipe: Recipe) -> dict:
             layers.append({"dense": True})
             continue
         cfg = recipe.for_layer(i, dims["layer_types"][i])
-        spec = {"delta": cfg.delta, "t": cfg.t, "s": cfg.s}
         cap = max_clusters(dims["head_dim"], cfg, i)
+        if cfg.estimator == "mean":
+            layers.append({"max_clusters": cap})
+            continue
+        spec = {"delta": cfg.delta, "t": cfg.t, "s": cfg.s}
         if cap is not None:
             spec["max_clusters"] = cap
         layers.append(spec)
@@ -346,6 +406,21 @@ def card_sections(block: dict, info, version: str) -> tuple[str, str]:
     def mean(key):
         vals = [x for p in comp for x in (p[key] if isinstance(p[key], list) else [p[key]])]
         return sum(vals) / max(len(vals), 1)
+
+    if block.get("estimator") == "mean":
+        about = f"""This checkpoint is `{info.base_model or info.source}` with a **SubGen**-style compressed KV
+cache (streaming clustering after "SubGen: Token Generation in Sublinear Time and Memory"),
+produced by kvsurgery {version}, with kvsurgery's **mean** estimator in place of the
+paper's sampling. The weights are unchanged. Keys and values older than the recent window
+stay exact until each kv head holds its cluster cap; then they are merged by k-means into
+that many clusters, each kept as its mean key, mean value and size, and later tokens join
+the nearest mean. Attention reads a cluster as one token weighted by its size: an
+approximation (one specific old token cannot be recalled exactly), and memory stops
+growing at the cap."""
+        rows = f"""| estimator | mean (cluster means; k-means, {block.get("kmeans_iters", 6)} rounds) |
+| clusters per kv head at most | {mean("max_clusters"):.0f} (mean over layers) |
+| exact sinks / recent window | {block["sinks"]} / {block["window"]} tokens |"""
+        return about, rows
 
     has_delta = all(p.get("delta") is not None for p in comp)
     radius = (

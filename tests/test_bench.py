@@ -151,9 +151,25 @@ def test_plot(tmp_path):
         (["--s-k", "65"], "cannot exceed --n-atoms"),
         (["--repeats", "0"], "--repeats must be an integer >= 1"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
+        (["--subgen-estimator", "mean"], "needs --subgen-max-clusters"),
     ],
 )
 def test_bad_options_exit_2(args, message):
     res = _run([*TINY, "--contexts", "256", *args])
     assert res.exit_code == 2, res.output
     assert message in res.output
+
+
+@pytest.mark.skipif("subgen" not in bm.available_methods(), reason="subgen kernels not installed")
+def test_subgen_mean_estimator_row(tmp_path):
+    out = tmp_path / "b.json"
+    res = _run([*TINY, "--methods", "subgen", "--contexts", "512", "--batch", "1",
+                "--subgen-estimator", "mean", "--subgen-max-clusters", "24", "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert r["settings"]["subgen_estimator"] == "mean"
+    cell = next(x for x in r["decode"] if x["method"] == "subgen")
+    assert cell["clusters"] == 24 and cell["rel_err_vs_fp32_ref"] < 1e-4
+    dense = next(x for x in r["decode"] if x["method"] == "dense")
+    # exact sinks + window (36 tokens) and 24 means of 512 tokens: a tenth of dense
+    assert cell["cache_bytes"] < dense["cache_bytes"] * 0.15

@@ -211,7 +211,8 @@ def random_state(B, H_kv, C, t, S, d, seed=0):
         "mu": torch.rand(B, H_kv, generator=g) * 50,
         "mu_s": torch.rand(B, H_kv, generator=g) * 20,
     }
-    st["res_v"][0, 0, 1] = 0  # an unused slot
+    if S > 1:
+        st["res_v"][0, 0, 1] = 0  # an unused slot
     st["mu_s"][-1, -1] = 0
     return st
 
@@ -403,7 +404,7 @@ def test_recipe_errors_before_model_load(tmp_path):
     res = CliRunner().invoke(
         main,
         ["calibrate", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "c"),
-         "--recipe", "recipes/subgen.yaml", "--set", "s=0"],
+         "--recipe", "recipes/subgen-paper.yaml", "--set", "s=0"],
     )  # fmt: skip
     assert res.exit_code != 0
     assert "s: must be >= 1" in res.output and "no-such-model" not in res.output
@@ -510,6 +511,158 @@ def test_cluster_cap_stops_memory_growth_on_unclustered_keys():
                 assert layer.counts.sum(-1).tolist() == [[layer.n_comp] * 2]
     assert sizes[None, 1600] > 3 * sizes[None, 400]  # one cluster per key
     assert sizes[40, 1600] == sizes[40, 400] < sizes[None, 400] / 4
+
+
+# ---------------------------------------------------------------------------------------
+# the mean estimator (beyond the paper): cluster means, k-means at the first overflow
+# ---------------------------------------------------------------------------------------
+
+
+def merge_case(BH=3, M=60, d=16, seed=0):
+    g = gen(seed + 3)
+    k, v = blobs(BH, M, d, seed=seed), torch.randn(BH, M, d, generator=g)
+    valid = torch.rand(BH, M, generator=g) > 0.2
+    return k, v, valid
+
+
+def test_merge_append_exact_below_the_cap_then_kmeans_then_nearest_mean():
+    k, v, valid = merge_case()
+    BH, M, d = k.shape
+    st = sg.new_state(BH, 40, 1, 0, d, torch.float32, "cpu", "mean")
+    assert st["centres"].shape[1] == 0 and st["res_k"].shape[1] == 0  # nothing but means
+    # 1) below the cap: every valid token its own cluster, in order
+    lab = sg.merge_append(k[:, :10], v[:, :10], valid[:, :10], st, 40)
+    for r in range(BH):
+        toks = valid[r, :10].nonzero().flatten()
+        assert lab[r, toks].tolist() == list(range(len(toks)))
+        assert (lab[r, ~valid[r, :10]] == -1).all()
+        torch.testing.assert_close(st["samples"][r, : len(toks), 0], k[r, toks])
+    # 2) first overflow: weighted k-means into exactly the cap, every token counted once
+    n_before = st["counts"].sum(1)
+    lab = sg.merge_append(k[:, 10:], v[:, 10:], valid[:, 10:], st, 16)
+    assert st["n_clusters"].tolist() == [16] * BH
+    assert st["counts"].sum(1).tolist() == (n_before + valid[:, 10:].sum(1)).tolist()
+    for r in range(BH):  # each new token sits in the cluster whose mean key is nearest
+        toks = valid[r, 10:].nonzero().flatten()
+        d2 = torch.cdist(k[r, 10:][toks], st["samples"][r, :, 0])
+        live = st["counts"][r] > 0
+        best = torch.where(live, d2, torch.inf).argmin(1)
+        assert (lab[r][toks] == best).float().mean() > 0.95  # Lloyd: ties/last move aside
+    # 3) full: one token joins the nearest mean; that mean moves by (x - mean) / n
+    x, y = k[:, :1] + 0.01, v[:, :1]
+    before_k, before_v, cnt = st["samples"].clone(), st["sample_v"].clone(), st["counts"].clone()
+    lab = sg.merge_append(x, y, torch.ones(BH, 1, dtype=torch.bool), st, 16)
+    for r in range(BH):
+        c = int(lab[r, 0])
+        dist = (before_k[r, :16, 0] - x[r, 0]).pow(2).sum(-1)
+        assert c == int(dist.argmin())
+        n = int(cnt[r, c]) + 1
+        torch.testing.assert_close(
+            st["samples"][r, c, 0], before_k[r, c, 0] + (x[r, 0] - before_k[r, c, 0]) / n
+        )
+        torch.testing.assert_close(
+            st["sample_v"][r, c, 0], before_v[r, c, 0] + (y[r, 0] - before_v[r, c, 0]) / n
+        )
+        assert int(st["counts"][r, c]) == n
+        others = torch.arange(16) != c
+        assert torch.equal(st["samples"][r, :16][others], before_k[r, :16][others])
+
+
+def test_mean_estimator_is_exact_below_the_cap_and_reads_clusters_as_weighted_tokens():
+    g = gen(8)
+    B, H, H_kv, n, d = 2, 6, 2, 30, 16
+    q = torch.randn(B, H, 2, d, generator=g)
+    k, v = torch.randn(B, H_kv, n, d, generator=g), torch.randn(B, H_kv, n, d, generator=g)
+    st = sg.new_state(B * H_kv, n, 1, 0, d, torch.float32, "cpu", "mean")
+    sg.merge_append(
+        k.reshape(-1, n, d), v.reshape(-1, n, d), torch.ones(B * H_kv, n, dtype=torch.bool), st, n
+    )
+    st = {name: x.view(B, H_kv, *x.shape[1:]) for name, x in st.items()}
+    ke = k.new_zeros(B, H_kv, 0, d)
+    exact = exact_attention(q, k, v, d**-0.5)
+    fns = [sg.estimate_attention_ref] + ([sg.estimate_attention_triton] * CAN_RUN_TRITON)
+    for fn in fns:
+        torch.testing.assert_close(fn(q, ke, ke, None, st, d**-0.5), exact, rtol=1e-4, atol=1e-5)
+    # merged: attention over (mean key, mean value) tokens with log(count) added to the logit
+    st = sg.new_state(B * H_kv, 8, 1, 0, d, torch.float32, "cpu", "mean")
+    sg.merge_append(
+        k.reshape(-1, n, d), v.reshape(-1, n, d), torch.ones(B * H_kv, n, dtype=torch.bool), st, 8
+    )
+    mk, mv, cnt = st["samples"][:, :, 0], st["sample_v"][:, :, 0], st["counts"].float()
+    qg = q.reshape(B, H_kv, -1, d).reshape(B * H_kv, -1, d)
+    logit = qg @ mk.transpose(1, 2) * d**-0.5 + cnt.log()[:, None, :]
+    want = (torch.softmax(logit, -1) @ mv).reshape(B, H, 2, d)
+    st = {name: x.view(B, H_kv, *x.shape[1:]) for name, x in st.items()}
+    for fn in fns:
+        got = fn(q, ke, ke, None, st, d**-0.5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got - exact).abs().max() > 1e-2  # merged is not exact (the test can fail)
+
+
+@needs_triton
+def test_estimate_triton_with_cluster_values_matches_ref():
+    B, H, H_kv, Q, d, E, C = 2, 6, 2, 3, 24, 11, 9
+    g = gen(9)
+    q = torch.randn(B, H, Q, d, generator=g)
+    ke, ve = torch.randn(B, H_kv, E, d, generator=g), torch.randn(B, H_kv, E, d, generator=g)
+    st = random_state(B, H_kv, C, 1, 0, d)
+    st["sample_v"] = torch.randn(B, H_kv, C, 1, d, generator=g)
+    mask = torch.rand(B, Q, E, generator=g) > 0.3
+    ref = sg.estimate_attention_ref(q, ke, ve, mask, st, 0.3)
+    tri = sg.estimate_attention_triton(q, ke, ve, mask, st, 0.3)
+    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-5)
+    st["sample_v"] = st["sample_v"][:, :, :, :0]  # no cluster values: denominator only
+    assert (sg.estimate_attention_ref(q, ke, ve, mask, st, 0.3) - ref).abs().max() > 1e-3
+
+
+def test_mean_layer_settings_memory_and_lossless_generation(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="needs max_clusters"):
+        SubGenLayer(estimator="mean")
+    with pytest.raises(ValueError, match="kmeans_iters"):
+        SubGenLayer(estimator="mean", max_clusters=4, kmeans_iters=0)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        SubGenLayer(delta=1.0, estimator="median")
+    block = {"layers": [{}], "sinks": 4, "window": 8, "seed": 0, "estimator": "mean"}
+    with pytest.raises(ValueError, match=r"max_clusters is null, but the mean estimator"):
+        kvs_subgen.validate(block, 1)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        kvs_subgen.validate({**block, "estimator": "x"}, 1)
+    kvs_subgen.validate({**block, "layers": [{"max_clusters": 3}]}, 1)  # no delta, t, s needed
+    # memory stops at the cap (random keys: nothing clusters on its own)
+    g = gen(10)
+    sizes = {}
+    for n in (300, 1200):
+        layer = SubGenLayer(estimator="mean", max_clusters=40, sinks=2, window=8)
+        k, v = torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)
+        layer.update(k, v)
+        layer.update(k[:, :, :1], v[:, :, :1])
+        assert torch.isfinite(layer.attend(torch.randn(1, 4, 1, 16, generator=g), None, 0.25)).all()
+        assert layer.n_clusters.tolist() == [[40, 40]]
+        assert layer.counts.sum(-1).tolist() == [[layer.n_comp] * 2]
+        sizes[n] = layer.nbytes()
+    assert sizes[1200] == sizes[300]
+    # generation: lossless while the cap holds every streamed token, lossy below it
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    x = torch.randint(3, 300, (2, 40), generator=gen(0))
+    mask = torch.ones_like(x)
+    x[0, :7], mask[0, :7] = 2, 0
+    dense = model.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    route(model)
+    outs = {}
+    for cap in (64, 6):
+        cache = KVSurgeryCache(
+            [SubGenLayer(estimator="mean", max_clusters=cap, sinks=2, window=8) for _ in range(2)]
+        )
+        outs[cap] = model.generate(
+            x, attention_mask=mask, max_new_tokens=12, do_sample=False, past_key_values=cache
+        )
+        n_comp = cache.layers[0].n_comp
+        # padding is never streamed (row 0: 7 pads, the first 2 of them in the sinks)
+        assert cache.layers[0].counts.sum(-1)[:, 0].tolist() == [n_comp - 5, n_comp]
+    assert torch.equal(outs[64], dense)
+    assert outs[6].shape == dense.shape
 
 
 # ---------------------------------------------------------------------------------------
@@ -642,4 +795,55 @@ def test_export_loads_in_fresh_process(calibrated, tiny_llama_dir):
         **ids, max_new_tokens=12, do_sample=False, past_key_values=cache, pad_token_id=2
     )
     assert isinstance(cache.layers[0], SubGenLayer) and cache.layers[0].n_comp > 0
+    assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def test_mean_estimator_calibrates_exports_and_loads_in_fresh_process(tiny_llama_dir, tmp_path):
+    from kvsurgery.calibrate import calibrate
+    from kvsurgery.demo import run_fresh_process
+    from kvsurgery.export import apply_to_model, export
+    from kvsurgery.models import load_model
+    from kvsurgery.recipes import CalibrationConfig, RecipeError, recipe_from_dict
+    from kvsurgery.runtime.kvs_methods import build_cache
+    from kvsurgery.subgen_calibrate import cluster_budget, head_bytes, runtime_block
+
+    with pytest.raises(RecipeError, match="^cap_clusters:"):
+        recipe_from_dict({**RECIPE, "estimator": "mean", "cap_clusters": False})
+    with pytest.raises(RecipeError, match="^estimator:"):
+        recipe_from_dict({**RECIPE, "estimator": "median"})
+    recipe = recipe_from_dict({**RECIPE, "estimator": "mean"})
+    cfg = recipe.config
+    man = calibrate(
+        None,
+        tmp_path / "cal",
+        recipes=[recipe],
+        settings=CalibrationConfig(samples=2, seq_len=64, max_vectors=2000),
+        loaded=load_model(tiny_llama_dir),
+        progress=False,
+    )
+    budget = cluster_budget(16, cfg)
+    assert budget > cluster_budget(16, recipe_from_dict(RECIPE).config)  # 2d per cluster, no s
+    for spec in man["methods"]["subgen"]["layers"]:
+        assert spec["max_clusters"] == int(budget) and "delta" not in spec and "t" not in spec
+        assert 0 <= spec["attn_rel_err"] < 1
+        worst = head_bytes(16, 2, 8, spec["max_clusters"], 1, 0, "mean") / (256 * 2 * 16 * 2)
+        assert worst <= cfg.target_ratio
+    block = runtime_block(man["methods"]["subgen"])
+    assert block["estimator"] == "mean" and block["kmeans_iters"] == cfg.kmeans_iters
+    out = export(
+        tmp_path / "cal", tmp_path / "exp", method="subgen", loaded=load_model(tiny_llama_dir)
+    )
+    assert "**mean** estimator" in (out / "README.md").read_text()
+    prompt = " ".join(["the of and to a in is that for"] * 20)  # past the cap: k-means ran
+    res = run_fresh_process(out, prompt, 12)
+    model, tok, _ = load_model(tiny_llama_dir)
+    apply_to_model(model, tmp_path / "cal", "subgen")
+    model.set_attn_implementation(kvs_attention.ATTN_NAME)
+    ids = tok(prompt, return_tensors="pt")
+    cache = build_cache(model)
+    mine = model.generate(
+        **ids, max_new_tokens=12, do_sample=False, past_key_values=cache, pad_token_id=2
+    )
+    layer = cache.layers[0]
+    assert layer.estimator == "mean" and layer.n_comp > int(layer.n_clusters.max()) > 0
     assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()

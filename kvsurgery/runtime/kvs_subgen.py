@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.subgen import STATE_KEYS, append, estimate_attention, new_state
+from ..kernels.subgen import STATE_KEYS, append, estimate_attention, merge_append, new_state
 from .kvs_layer import CompressedLayer
 
 # Cluster storage grows (and is trimmed back) by blocks of this many clusters: one
 # reallocation per block keeps appends amortised O(1).
 CLUSTER_BLOCK = 32
+# "sampled": the paper's estimator (threshold clusters with t key samples, l2 value
+# reservoir); "mean": beyond the paper, each cluster one (mean key, mean value, count)
+# triple, clustered by k-means when the cap is first reached (kernels/subgen.py).
+ESTIMATORS = ("sampled", "mean")
 
 
 def _round_up(n: int, block: int) -> int:
@@ -57,6 +61,13 @@ class SubGenLayer(CompressedLayer):
     tokens and ``window`` last tokens kept exact; ``seed`` of the reservoir draws;
     ``max_clusters`` (optional) clusters per kv head, after which a key that is within
     ``delta`` of no centre joins the nearest one: the streamed state then stops growing.
+
+    ``estimator="mean"`` (beyond the paper) replaces both streamed structures with mean
+    clusters: at most ``max_clusters`` (required) per kv head, each the mean key, mean value
+    and count of its members, read at attention as one token of logit ``l(mean key) +
+    log(count)``; the tokens stay exact until the cap is reached, the append that first
+    overflows it runs ``kmeans_iters`` rounds of k-means, later tokens join the nearest
+    mean. No radius, samples or value slots (``delta``, ``t``, ``s`` are ignored), no draws.
     """
 
     def __init__(
@@ -70,8 +81,25 @@ class SubGenLayer(CompressedLayer):
         window: int = 256,
         seed: int = 0,
         max_clusters: int | None = None,
+        estimator: str = "sampled",
+        kmeans_iters: int = 6,
     ):
         super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(
+                f"SubGenLayer estimator must be one of {ESTIMATORS}, got {estimator!r}"
+            )
+        self.estimator = estimator
+        self.kmeans_iters = int(kmeans_iters)
+        if estimator == "mean":
+            if max_clusters is None:
+                raise ValueError(
+                    "SubGenLayer estimator='mean' needs max_clusters (the clusters kept per kv "
+                    "head); without a cap nothing would be merged"
+                )
+            if self.kmeans_iters < 1:
+                raise ValueError(f"SubGenLayer kmeans_iters must be >= 1, got {kmeans_iters}")
+            delta, delta_rel, t, s = None, 1.0, 1, 1  # unused by the mean estimator
         if (delta is None) == (delta_rel is None):
             raise ValueError("SubGenLayer needs exactly one of delta or delta_rel")
         deltas = (
@@ -90,6 +118,8 @@ class SubGenLayer(CompressedLayer):
         if max_clusters is not None and (isinstance(max_clusters, bool) or max_clusters < 1):
             raise ValueError(f"SubGenLayer max_clusters must be >= 1, got {max_clusters!r}")
         self.max_clusters = None if max_clusters is None else int(max_clusters)
+        if estimator == "mean":
+            self.s = 0  # no value reservoir: the clusters carry the values
         self.seen = 0
         self.n_comp = 0  # positions streamed (padding included)
         self.last_had_past = False
@@ -105,7 +135,8 @@ class SubGenLayer(CompressedLayer):
         empty = key_states.new_zeros(b, h, 0, d)
         self.sink_k, self.sink_v = empty, empty.clone()
         self.win_k, self.win_v = empty.clone(), empty.clone()
-        for name, x in new_state(b * h, 0, self.t, self.s, d, self.dtype, dev).items():
+        state = new_state(b * h, 0, self.t, self.s, d, self.dtype, dev, self.estimator)
+        for name, x in state.items():
             setattr(self, name, x.view(b, h, *x.shape[1:]))
         if self.delta is not None:
             if self.delta.numel() not in (1, h):
@@ -120,7 +151,7 @@ class SubGenLayer(CompressedLayer):
         self.is_initialized = True
 
     def _resize_clusters(self, cap: int) -> None:
-        b, h, old, d = self.centres.shape
+        b, h, old, d = self.samples.shape[:3] + self.samples.shape[4:]
         keep = min(old, cap)
 
         def resized(x, *tail):
@@ -128,9 +159,11 @@ class SubGenLayer(CompressedLayer):
             out[:, :, :keep] = x[:, :, :keep]
             return out
 
-        self.centres = resized(self.centres, d)
+        if self.estimator == "sampled":  # the mean estimator has no fixed centres
+            self.centres = resized(self.centres, d)
         self.counts = resized(self.counts)
         self.samples = resized(self.samples, self.t, d)
+        self.sample_v = resized(self.sample_v, self.sample_v.shape[3], d)
 
     # -- cache verbs ------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -153,7 +186,7 @@ class SubGenLayer(CompressedLayer):
         BH = B * H
         k, v = self.win_k[:, :, :n], self.win_v[:, :, :n]
         ok = valid[:, None, :].expand(B, H, n).reshape(BH, n)
-        if self._delta_h is None:
+        if self.estimator == "sampled" and self._delta_h is None:
             # median key norm of this head's valid streamed keys, over the batch
             norms = k.float().norm(dim=-1).transpose(0, 1).reshape(H, B * n)
             okh = valid[None].expand(H, B, n).reshape(H, B * n)
@@ -165,16 +198,19 @@ class SubGenLayer(CompressedLayer):
         need = int(self.n_clusters.max()) + n
         if self.max_clusters is not None:
             need = min(need, self.max_clusters)
-        if need > self.centres.shape[2]:
+        if need > self.samples.shape[2]:
             self._resize_clusters(_round_up(need, CLUSTER_BLOCK))
-        cap = self.centres.shape[2]
+        cap = self.samples.shape[2]
         dev = self.device
-        u_clu = torch.rand(BH, n, self.t, generator=self._gen, device=dev)
-        u_val = torch.rand(BH, n, self.s, generator=self._gen, device=dev)
         kf = k.reshape(BH, n, d)
         vf = v.reshape(BH, n, d)
         rows = {n: getattr(self, n).view(BH, *getattr(self, n).shape[2:]) for n in STATE_KEYS}
-        append(kf, vf, ok, self._delta_h.repeat(B), rows, u_clu, u_val, self.max_clusters)
+        if self.estimator == "mean":
+            merge_append(kf, vf, ok, rows, self.max_clusters, self.kmeans_iters)
+        else:
+            u_clu = torch.rand(BH, n, self.t, generator=self._gen, device=dev)
+            u_val = torch.rand(BH, n, self.s, generator=self._gen, device=dev)
+            append(kf, vf, ok, self._delta_h.repeat(B), rows, u_clu, u_val, self.max_clusters)
         self.win_k = self.win_k[:, :, n:].clone()
         self.win_v = self.win_v[:, :, n:].clone()
         self.n_comp += n
@@ -248,8 +284,8 @@ class SubGenLayer(CompressedLayer):
 # -- method interface (see kvs_methods.py) -------------------------------------------------
 BUFFERS: tuple[str, ...] = ()  # SubGen calibrates settings (radii, t, s), not tensors
 # Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
-LAYER_KEYS = ("delta", "t", "s", "max_clusters")
-GLOBAL_KEYS = ("delta_rel", "sinks", "window", "seed")
+LAYER_KEYS = ("delta", "t", "s", "max_clusters", "window")
+GLOBAL_KEYS = ("delta_rel", "sinks", "window", "seed", "estimator", "kmeans_iters")
 
 
 def _setting(spec: dict, block: dict, key: str):
@@ -262,11 +298,21 @@ def _where(spec: dict, i: int, key: str) -> str:
 
 def validate(block: dict, num_layers: int) -> None:
     """Check the SubGen settings of a ``kvsurgery`` config block."""
+    estimator = block.get("estimator", "sampled")
+    if estimator not in ESTIMATORS:
+        raise ValueError(
+            f"config.kvsurgery.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}."
+        )
+    mean = estimator == "mean"
+    ints = (("sinks", 0), ("window", 1), ("seed", 0))
+    ints += (("kmeans_iters", 1),) if mean else (("t", 1), ("s", 1))
     for i, spec in enumerate(block["layers"]):
         if spec.get("dense"):
             continue
-        for key, lo in (("t", 1), ("s", 1), ("sinks", 0), ("window", 1), ("seed", 0)):
+        for key, lo in ints:
             v = _setting(spec, block, key)
+            if key == "kmeans_iters" and v is None:
+                continue  # the layer's default
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(
                     f"config.kvsurgery.{_where(spec, i, key)} must be an int >= {lo}, got {v!r}."
@@ -277,6 +323,13 @@ def validate(block: dict, num_layers: int) -> None:
                 f"config.kvsurgery.{_where(spec, i, 'max_clusters')} must be an int >= 1 or "
                 f"null (no cap), got {cap!r}."
             )
+        if mean:
+            if cap is None:
+                raise ValueError(
+                    f"config.kvsurgery.{_where(spec, i, 'max_clusters')} is null, but the mean "
+                    "estimator needs a cluster cap per layer (calibration writes it)."
+                )
+            continue  # no radius, samples or value slots
         delta, rel = _setting(spec, block, "delta"), block.get("delta_rel")
         if delta is None and rel is None:
             raise ValueError(
@@ -306,8 +359,10 @@ def make_layer(mod, spec: dict, block: dict) -> SubGenLayer:
         t=_setting(spec, block, "t"),
         s=_setting(spec, block, "s"),
         sinks=block["sinks"],
-        window=block["window"],
+        window=_setting(spec, block, "window"),
         # decorrelate the layers' reservoir draws
         seed=int(block.get("seed", 0)) * 100_003 + int(getattr(mod, "layer_idx", 0)),
         max_clusters=_setting(spec, block, "max_clusters"),
+        estimator=block.get("estimator", "sampled"),
+        kmeans_iters=block.get("kmeans_iters") or 6,
     )
