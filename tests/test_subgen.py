@@ -507,7 +507,7 @@ def test_cluster_cap_stops_memory_growth_on_unclustered_keys():
             sizes[cap, n] = layer.nbytes()
             if cap is not None:
                 assert layer.n_clusters.tolist() == [[cap, cap]]
-                assert layer.centres.shape[2] == 64  # the cap rounded up to a block
+                assert layer.centres.shape[2] == cap  # room up to the cap, not a block past it
                 assert layer.counts.sum(-1).tolist() == [[layer.n_comp] * 2]
     assert sizes[None, 1600] > 3 * sizes[None, 400]  # one cluster per key
     assert sizes[40, 1600] == sizes[40, 400] < sizes[None, 400] / 4
@@ -639,7 +639,7 @@ def test_mean_layer_settings_memory_and_lossless_generation(tiny_llama_dir):
         layer.update(k, v)
         layer.update(k[:, :, :1], v[:, :, :1])
         assert torch.isfinite(layer.attend(torch.randn(1, 4, 1, 16, generator=g), None, 0.25)).all()
-        assert layer.n_clusters.tolist() == [[40, 40]]
+        assert layer.n_clusters.tolist() == [[40, 40]] and layer.samples.shape[2] == 40
         assert layer.counts.sum(-1).tolist() == [[layer.n_comp] * 2]
         sizes[n] = layer.nbytes()
     assert sizes[1200] == sizes[300]

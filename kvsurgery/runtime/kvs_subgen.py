@@ -1,5 +1,6 @@
 """SubGen cache layer: exact sinks and recent window, everything older streamed into
-threshold clusters (softmax normaliser) and an l2 value reservoir (value product).
+threshold clusters (softmax normaliser) and an l2 value reservoir (value product), or,
+with kvsurgery's ``mean`` estimator, into at most ``max_clusters`` cluster means.
 
 Paper: "SubGen: Token Generation in Sublinear Time and Memory" (one version is titled
 ClusterGen). The maths and kernels are in ``kernels/subgen.py``. This file is copied flat
@@ -53,7 +54,10 @@ class SubGenLayer(CompressedLayer):
       ``res_k/res_v`` ``(B, H_kv, s, d)`` value reservoir, ``res_orig`` ``(B, H_kv, s)`` int8
       (slot still holds one of the first s tokens), ``n_val`` ``(B, H_kv)`` int32 tokens
       streamed, ``mu``/``mu_s`` ``(B, H_kv)`` fp32 running ``sum |v|^2`` (now / when the
-      s-th token came). Field semantics: ``kernels/subgen.py`` ``append_ref``.
+      s-th token came). Field semantics: ``kernels/subgen.py`` ``append_ref``. With the
+      mean estimator ``samples``/``sample_v`` ``(B, H_kv, Cap, 1, d)`` hold each cluster's
+      mean key and mean value, ``centres`` and the value reservoir have no rows
+      (``merge_append``).
 
     Settings: ``delta`` cluster radius (a float, or one per kv head), or ``delta_rel``: the
     radius as a fraction of the median key norm of the first streamed keys of each head
@@ -196,10 +200,11 @@ class SubGenLayer(CompressedLayer):
             ]
             self._delta_h = (torch.stack(med) * self.delta_rel).clamp_min(1e-6).contiguous()
         need = int(self.n_clusters.max()) + n
-        if self.max_clusters is not None:
-            need = min(need, self.max_clusters)
+        room = _round_up(need, CLUSTER_BLOCK)
+        if self.max_clusters is not None:  # never past the cap (its bytes are the target)
+            need, room = min(need, self.max_clusters), min(room, self.max_clusters)
         if need > self.samples.shape[2]:
-            self._resize_clusters(_round_up(need, CLUSTER_BLOCK))
+            self._resize_clusters(room)
         cap = self.samples.shape[2]
         dev = self.device
         kf = k.reshape(BH, n, d)
