@@ -393,7 +393,8 @@ def merge_append(
     * once full (``n == L``) each new token joins the nearest mean key as it was at the
       start of the call, and the means and counts absorb the call's tokens.
 
-    Means are kept in the state dtype, updated in fp32. Returns labels ``(BH, M)`` int64
+    Means are kept in the state dtype, updated in fp32 (in bf16 a mean stops moving once a
+    member's pull, ``|x - mean| / n``, falls below its rounding step). Returns labels ``(BH, M)`` int64
     (-1 for invalid tokens). State fields (:func:`new_state` with ``estimator="mean"``):
     ``samples (BH, Cap, 1, d)`` mean keys,
     ``sample_v (BH, Cap, 1, d)`` mean values, ``counts (BH, Cap)``, ``n_clusters (BH,)``
@@ -746,9 +747,9 @@ if _HAS_TRITON:
         """Grid ``(cdiv(G*Q, BLOCK_R), B*H_kv)``. Rows ``r = gi*Q + qi`` are the group's
         query heads x queries, so each K/V row is read once for the whole group (no GQA
         copy). Three passes share one online softmax: exact tokens (masked per query),
-        cluster samples (denominator, and numerator too with ``SMP_V``; weight ``n_c / min(n_c,
-        t)`` on the filled slots), value slots (numerator only, weights of :func:`_slot_weights`). Writes
-        ``out (B, H, Q, D)`` fp32."""
+        cluster samples (denominator, and numerator too with ``SMP_V``; weight ``n_c /
+        min(n_c, t)`` on the filled slots), value slots (numerator only, weights of
+        :func:`_slot_weights`). Writes ``out (B, H, Q, D)`` fp32."""
         pid_r = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
         b = pid_bh // H_kv
@@ -971,9 +972,17 @@ def estimate_attention_triton(q, k_ex, v_ex, mask_ex, state: dict, scale: float)
         state["samples"].contiguous(),
         sv.contiguous() if has_sv else q,  # never read without SMP_V
         state["counts"].to(torch.int32).contiguous(),
-        state["res_k"].contiguous(),
-        state["res_v"].contiguous(),
-        state["res_orig"].to(torch.int8).contiguous(),
+        # no value slots (mean estimator): never read, and an empty tensor's null pointer
+        # is not handed to the launcher
+        *(
+            (
+                state["res_k"].contiguous(),
+                state["res_v"].contiguous(),
+                state["res_orig"].to(torch.int8).contiguous(),
+            )
+            if S
+            else (q, q, q)
+        ),
         state["mu"].float().contiguous(),
         state["mu_s"].float().contiguous(),
         out,

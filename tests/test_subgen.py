@@ -775,36 +775,45 @@ def test_calibration_meets_cluster_target_and_reports_error(calibrated):
 
 
 def test_export_loads_in_fresh_process(calibrated, tiny_llama_dir):
-    from kvsurgery.demo import run_fresh_process
-    from kvsurgery.export import apply_to_model, export
+    from kvsurgery.export import export
     from kvsurgery.models import load_model
-    from kvsurgery.runtime.kvs_methods import build_cache
 
     tmp, _ = calibrated
     out = export(tmp / "cal", tmp / "exp", method="subgen", loaded=load_model(tiny_llama_dir))
     assert (out / "kvs_subgen.py").is_file() and (out / "subgen.py").is_file()
-    prompt = " ".join(["the of and to a in is that for"] * 4)
-    res = run_fresh_process(out, prompt, 12)  # kvsurgery blocked in the child
+    cache = same_tokens_as_fresh_process(out, tmp / "cal", tiny_llama_dir, words=4)
+    assert isinstance(cache.layers[0], SubGenLayer) and cache.layers[0].n_comp > 0
+
+
+def same_tokens_as_fresh_process(export_dir, calib_dir, model_dir, words):
+    """Generate from the export in a fresh process (kvsurgery blocked there) and in-process
+    from the calibration applied to the base model: the tokens must agree. Returns the
+    in-process cache."""
+    from kvsurgery.demo import run_fresh_process
+    from kvsurgery.export import apply_to_model
+    from kvsurgery.models import load_model
+    from kvsurgery.runtime.kvs_methods import build_cache
+
+    prompt = " ".join(["the of and to a in is that for"] * words)
+    res = run_fresh_process(export_dir, prompt, 12)
     assert res["compressed"]["cache_type"] == "KVSurgeryCache"
-    model, tok, _ = load_model(tiny_llama_dir)
-    apply_to_model(model, tmp / "cal", "subgen")
+    model, tok, _ = load_model(model_dir)
+    apply_to_model(model, calib_dir, "subgen")
     model.set_attn_implementation(kvs_attention.ATTN_NAME)
     ids = tok(prompt, return_tensors="pt")
     cache = build_cache(model)
     mine = model.generate(
         **ids, max_new_tokens=12, do_sample=False, past_key_values=cache, pad_token_id=2
     )
-    assert isinstance(cache.layers[0], SubGenLayer) and cache.layers[0].n_comp > 0
     assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()
+    return cache
 
 
 def test_mean_estimator_calibrates_exports_and_loads_in_fresh_process(tiny_llama_dir, tmp_path):
     from kvsurgery.calibrate import calibrate
-    from kvsurgery.demo import run_fresh_process
-    from kvsurgery.export import apply_to_model, export
+    from kvsurgery.export import export
     from kvsurgery.models import load_model
     from kvsurgery.recipes import CalibrationConfig, RecipeError, recipe_from_dict
-    from kvsurgery.runtime.kvs_methods import build_cache
     from kvsurgery.subgen_calibrate import cluster_budget, head_bytes, runtime_block
 
     with pytest.raises(RecipeError, match="^cap_clusters:"):
@@ -834,16 +843,7 @@ def test_mean_estimator_calibrates_exports_and_loads_in_fresh_process(tiny_llama
         tmp_path / "cal", tmp_path / "exp", method="subgen", loaded=load_model(tiny_llama_dir)
     )
     assert "**mean** estimator" in (out / "README.md").read_text()
-    prompt = " ".join(["the of and to a in is that for"] * 20)  # past the cap: k-means ran
-    res = run_fresh_process(out, prompt, 12)
-    model, tok, _ = load_model(tiny_llama_dir)
-    apply_to_model(model, tmp_path / "cal", "subgen")
-    model.set_attn_implementation(kvs_attention.ATTN_NAME)
-    ids = tok(prompt, return_tensors="pt")
-    cache = build_cache(model)
-    mine = model.generate(
-        **ids, max_new_tokens=12, do_sample=False, past_key_values=cache, pad_token_id=2
-    )
+    # a prompt past the cap, so the k-means ran, in both processes
+    cache = same_tokens_as_fresh_process(out, tmp_path / "cal", tiny_llama_dir, words=20)
     layer = cache.layers[0]
     assert layer.estimator == "mean" and layer.n_comp > int(layer.n_clusters.max()) > 0
-    assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()

@@ -289,7 +289,7 @@ class SubGenLayer(CompressedLayer):
 # -- method interface (see kvs_methods.py) -------------------------------------------------
 BUFFERS: tuple[str, ...] = ()  # SubGen calibrates settings (radii, t, s), not tensors
 # Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
-LAYER_KEYS = ("delta", "t", "s", "max_clusters", "window")
+LAYER_KEYS = ("delta", "t", "s", "max_clusters")
 GLOBAL_KEYS = ("delta_rel", "sinks", "window", "seed", "estimator", "kmeans_iters")
 
 
@@ -364,7 +364,7 @@ def make_layer(mod, spec: dict, block: dict) -> SubGenLayer:
         t=_setting(spec, block, "t"),
         s=_setting(spec, block, "s"),
         sinks=block["sinks"],
-        window=_setting(spec, block, "window"),
+        window=block["window"],
         # decorrelate the layers' reservoir draws
         seed=int(block.get("seed", 0)) * 100_003 + int(getattr(mod, "layer_idx", 0)),
         max_clusters=_setting(spec, block, "max_clusters"),
