@@ -70,6 +70,7 @@ except Exception:  # pragma: no cover - depends on the environment
     _HAS_TRITON = False
 
 __all__ = [
+    "ESTIMATORS",
     "STATE_KEYS",
     "new_state",
     "append",
@@ -82,6 +83,11 @@ __all__ = [
     "triton_interpreter_active",
     "value_accept_probs",
 ]
+
+# "sampled": the paper's estimator (threshold clusters with t key samples, l2 value
+# reservoir); "mean": beyond the paper, each cluster one (mean key, mean value, count)
+# triple (:func:`merge_append`).
+ESTIMATORS = ("sampled", "mean")
 
 _LOG2E = 1.4426950408889634
 _NO_HIT = 2**30  # "no centre within delta" (larger than any capacity)
@@ -169,8 +175,8 @@ def new_state(
     a cluster's mean key is its centre). Otherwise (``"sampled"``, the paper's)
     ``sample_v`` has zero slots and the numerator comes from the value reservoir alone.
     """
-    if estimator not in ("sampled", "mean"):
-        raise ValueError(f"estimator must be 'sampled' or 'mean', got {estimator!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     mean = estimator == "mean"
     z = dict(dtype=dtype, device=device)
     return {
@@ -436,21 +442,17 @@ def merge_append(
         lab = torch.where(join, labels, Cap)  # Cap: a scratch column for the other tokens
         add = torch.zeros(BH, Cap + 1, dtype=torch.float32, device=dev)
         add.scatter_add_(1, lab, join.float())
-        sk = torch.zeros(BH, Cap + 1, d, dtype=torch.float32, device=dev)
-        sv = torch.zeros_like(sk)
-        sk.scatter_add_(1, lab[..., None].expand(BH, M, d), k.float() * join[..., None])
-        sv.scatter_add_(1, lab[..., None].expand(BH, M, d), v.float() * join[..., None])
-        add, sk, sv = add[:, :Cap], sk[:, :Cap], sv[:, :Cap]
         old = counts.float()
-        new = old + add
-        hit = (add > 0)[..., None]
+        new = old + add[:, :Cap]
+        hit = (add[:, :Cap] > 0)[..., None]
         inv = 1.0 / new.clamp(min=1)[..., None]
-        mk[:, :, 0] = torch.where(
-            hit, (mk[:, :, 0].float() * old[..., None] + sk) * inv, mk[:, :, 0].float()
-        ).to(mk.dtype)
-        mv[:, :, 0] = torch.where(
-            hit, (mv[:, :, 0].float() * old[..., None] + sv) * inv, mv[:, :, 0].float()
-        ).to(mv.dtype)
+        idx = lab[..., None].expand(BH, M, d)
+        for means, x in ((mk, k), (mv, v)):  # mean keys, then mean values
+            sums = torch.zeros(BH, Cap + 1, d, dtype=torch.float32, device=dev)
+            sums.scatter_add_(1, idx, x.float() * join[..., None])
+            cur = means[:, :, 0].float()
+            upd = (cur * old[..., None] + sums[:, :Cap]) * inv
+            means[:, :, 0] = torch.where(hit, upd, cur).to(means.dtype)
         counts.copy_(new.round().to(counts.dtype))
     # rows overflowing for the first time: weighted k-means, one row at a time (once per row)
     for r in ((room > 0) & (m > room)).nonzero().flatten().tolist():

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.subgen import STATE_KEYS, append, estimate_attention, merge_append, new_state
+from ..kernels.subgen import (
+    ESTIMATORS,
+    STATE_KEYS,
+    append,
+    estimate_attention,
+    merge_append,
+    new_state,
+)
 from .kvs_layer import CompressedLayer
 
 # Cluster storage grows (and is trimmed back) by blocks of this many clusters: one
 # reallocation per block keeps appends amortised O(1).
 CLUSTER_BLOCK = 32
-# "sampled": the paper's estimator (threshold clusters with t key samples, l2 value
-# reservoir); "mean": beyond the paper, each cluster one (mean key, mean value, count)
-# triple, clustered by k-means when the cap is first reached (kernels/subgen.py).
-ESTIMATORS = ("sampled", "mean")
 
 
 def _round_up(n: int, block: int) -> int:
@@ -103,8 +106,9 @@ class SubGenLayer(CompressedLayer):
                 )
             if self.kmeans_iters < 1:
                 raise ValueError(f"SubGenLayer kmeans_iters must be >= 1, got {kmeans_iters}")
-            delta, delta_rel, t, s = None, 1.0, 1, 1  # unused by the mean estimator
-        if (delta is None) == (delta_rel is None):
+            # no radius, one (mean key, mean value) slot per cluster, no value reservoir
+            delta, delta_rel, t, s = None, None, 1, 0
+        elif (delta is None) == (delta_rel is None):
             raise ValueError("SubGenLayer needs exactly one of delta or delta_rel")
         deltas = (
             [] if delta is None else list(delta) if isinstance(delta, (list, tuple)) else [delta]
@@ -116,14 +120,13 @@ class SubGenLayer(CompressedLayer):
         self.delta_rel = delta_rel
         self.t, self.s = int(t), int(s)
         self.sinks, self.window, self.seed = int(sinks), int(window), int(seed)
-        for name, lo in (("t", 1), ("s", 1), ("sinks", 0), ("window", 1), ("seed", 0)):
+        s_min = 0 if estimator == "mean" else 1
+        for name, lo in (("t", 1), ("s", s_min), ("sinks", 0), ("window", 1), ("seed", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"SubGenLayer {name} must be >= {lo}, got {getattr(self, name)}")
         if max_clusters is not None and (isinstance(max_clusters, bool) or max_clusters < 1):
             raise ValueError(f"SubGenLayer max_clusters must be >= 1, got {max_clusters!r}")
         self.max_clusters = None if max_clusters is None else int(max_clusters)
-        if estimator == "mean":
-            self.s = 0  # no value reservoir: the clusters carry the values
         self.seen = 0
         self.n_comp = 0  # positions streamed (padding included)
         self.last_had_past = False
