@@ -178,6 +178,9 @@ class EvalConfig:
     depths: tuple = DEFAULT_DEPTHS
     trials: int = 1  # prompts per depth (passkey, needle)
     answer_tokens: int = 8  # greedy tokens decoded for passkey/needle
+    # passkey/needle: the question ends the prefilled prompt (as with generate()) instead
+    # of arriving after the context has been compressed
+    question_in_prompt: bool = False
     n_sink: int = 4  # sink_window: exact first tokens
     quant_group: int = 64  # quantized: q_group_size
     quant_residual: int = 128  # quantized: dense residual window
@@ -478,6 +481,8 @@ class _Run:
                     raise KVSurgeryError(f"{kind} at context {context}: {e}") from e
                 ctx_ids = self.tok(p.context)["input_ids"]
                 q_ids = self.tok(p.question, add_special_tokens=False)["input_ids"]
+                if self.cfg.question_in_prompt:  # one prefill; its last token starts decoding
+                    ctx_ids, q_ids = ctx_ids + q_ids[:-1], q_ids[-1:]
                 cache = builder(self.model)
                 out = greedy_answer(self.model, cache, ctx_ids, q_ids, self.cfg.answer_tokens, eos)
                 pred = self.tok.decode(out, skip_special_tokens=True)
@@ -694,7 +699,10 @@ def _task_settings(cfg: EvalConfig, kind: str) -> dict:
     }.get(kind)
     if names is None:  # hub
         names = tuple(f.name for f in dataclasses.fields(cfg) if f.name.startswith("hub_"))
-    return {n: getattr(cfg, n) for n in names}
+    out = {n: getattr(cfg, n) for n in names}
+    if kind in ("passkey", "needle") and cfg.question_in_prompt:  # absent: older cells match
+        out["question_in_prompt"] = True
+    return out
 
 
 def _quant_backend(spec: MethodSpec) -> tuple[str | None, str | None]:
@@ -998,7 +1006,9 @@ def results_markdown(results: dict) -> str:
         f"kvsurgery {results['kvsurgery']}, {results['created']}. Perplexity: "
         f"{s['ppl_tokens']} teacher-forced tokens after the context, read through the cache. "
         f"Passkey/needle: accuracy over depths {', '.join(str(d) for d in s['depths'])} "
-        f"× {s['trials']} trial(s). KV bytes/token: measured allocated bytes after prefill and "
+        f"× {s['trials']} trial(s)"
+        + (", question at the end of the prefilled prompt" if s.get("question_in_prompt") else "")
+        + ". KV bytes/token: measured allocated bytes after prefill and "
         f"decode; % of fp16: of a full fp16 cache holding as many tokens "
         f"({results['fp16_full_bytes_per_token']:,} bytes/token).",
         "",
@@ -1093,6 +1103,13 @@ def _depths_option(ctx, param, value):
     help="Tokens decoded greedily for passkey / needle answers.",
 )
 @click.option(
+    "--question-in-prompt",
+    is_flag=True,
+    help="Passkey / needle: prefill the question with the context (all but its last token, "
+    "the first step through the compressed cache) instead of feeding it after the context "
+    "is compressed.",
+)
+@click.option(
     "--n-sink", type=int, default=4, show_default=True, help="Exact first tokens of sink_window."
 )
 @click.option(
@@ -1138,6 +1155,7 @@ def eval_command(
     depths,
     trials,
     answer_tokens,
+    question_in_prompt,
     n_sink,
     hub_question_col,
     hub_context_col,
@@ -1163,6 +1181,7 @@ def eval_command(
         depths=depths,
         trials=trials,
         answer_tokens=answer_tokens,
+        question_in_prompt=question_in_prompt,
         n_sink=n_sink,
         hub_question_col=hub_question_col,
         hub_context_col=hub_context_col or None,

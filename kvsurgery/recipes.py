@@ -201,7 +201,11 @@ class SubGenConfig:
 
     ``estimator: mean`` (beyond the paper) keeps per cluster the mean key, mean value and
     count instead of sampled keys and a value reservoir: no radius, t or s; the cluster cap
-    comes from the memory target and the clusters from k-means when it is first reached."""
+    comes from the memory target and the clusters from k-means when it is first reached.
+
+    ``protect`` (mean estimator, beyond the paper) moves that share of each layer's cluster
+    budget to tokens kept exact: those the prompt's last ``protect_window`` queries attend
+    to most (the highest score over layers, max-pooled over ``protect_pool`` positions)."""
 
     target_ratio: float = 0.25  # cache bytes over the fp16 full cache at target_context
     target_context: int = 8192
@@ -218,6 +222,9 @@ class SubGenConfig:
     cap_clusters: bool = True
     estimator: str = "sampled"  # "sampled" (the paper's) or "mean" (cluster means, beyond it)
     kmeans_iters: int = 6  # mean estimator: Lloyd rounds when the cap is first reached
+    protect: float = 0.0  # mean estimator: share of the cluster budget kept as exact tokens
+    protect_window: int = 32  # prompt queries whose attention chooses the protected tokens
+    protect_pool: int = 9  # positions a chosen token's score spreads to (max-pool width)
     sinks: int = 4  # exact tokens at the start
     window: int = 256  # exact recent tokens
     sim_tokens: int = 4096  # captured keys per head streamed to simulate a context
@@ -243,7 +250,15 @@ class SubGenConfig:
             "cap_clusters",
             "must be true with estimator: mean (the cap is the number of cluster means kept)",
         )
+        _require(0 <= self.protect < 1, "protect", f"must be in [0, 1), got {self.protect}")
+        _require(
+            self.protect == 0 or self.estimator == "mean",
+            "protect",
+            "needs estimator: mean (protected tokens take the place of cluster means)",
+        )
         for k in ("t", "s", "window", "sim_tokens", "eval_queries", "kmeans_iters"):
+            _require(getattr(self, k) >= 1, k, f"must be >= 1, got {getattr(self, k)}")
+        for k in ("protect_window", "protect_pool"):
             _require(getattr(self, k) >= 1, k, f"must be >= 1, got {getattr(self, k)}")
         for k in ("sinks", "seed"):
             _require(getattr(self, k) >= 0, k, f"must be >= 0, got {getattr(self, k)}")

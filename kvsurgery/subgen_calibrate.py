@@ -122,14 +122,20 @@ def max_clusters(d: int, cfg, layer: int) -> int | None:
 
 def _mean_layer(i: int, k, v, q, d: int, cfg, n_stream: int, scale: float) -> dict:
     """The mean estimator's entry for layer ``i``: the cap from the memory target and the
-    error measured at that cap scaled to the simulated length (same merge ratio)."""
-    cap = max_clusters(d, cfg, i)
+    error measured at that cap scaled to the simulated length (same merge ratio).
+    ``protect`` moves its share of the cap to protected exact tokens (a token costs less
+    than a cluster: no count); the error is measured at the clusters left, without the
+    protected tokens (which depend on the prompt's question)."""
+    budget = max_clusters(d, cfg, i)
+    protect = round(cfg.protect * budget)
+    cap = max(1, budget - protect)
     H, n = k.shape[:2]
     sim_cap = max(1, min(n, round(cap * n / n_stream)))
     err = attention_error(k, v, q, None, 1, 0, scale, mean_cap=sim_cap, iters=cfg.kmeans_iters)
-    mem = head_bytes(d, cfg.sinks, cfg.window, min(cap, n_stream), 1, 0, "mean")
+    mem = head_bytes(d, cfg.sinks, cfg.window + protect, min(cap, n_stream), 1, 0, "mean")
+    entry = {"max_clusters": cap, "protect": protect} if protect else {"max_clusters": cap}
     return {
-        "max_clusters": cap,
+        **entry,
         "sim_tokens": int(n),
         "sim_clusters": [sim_cap] * H,
         "attn_rel_err": round(err, 5),
@@ -325,6 +331,8 @@ def calibrate_subgen(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             "s": [p.get("s", "-") for p in per_layer],
         }
     )
+    if base.protect:
+        cols["protected"] = [p.get("protect", "-") for p in per_layer]
     cols |= {
         "max clusters": [p.get("max_clusters", "-") for p in per_layer],
         "clusters": [
@@ -362,12 +370,18 @@ def runtime_block(entry: dict) -> dict:
     layers = [
         {"dense": True}
         if spec.get("dense")
-        else {k: spec[k] for k in ("delta", "t", "s", "max_clusters") if spec.get(k) is not None}
+        else {
+            k: spec[k]
+            for k in ("delta", "t", "s", "max_clusters", "protect")
+            if spec.get(k) is not None
+        }
         for spec in entry["layers"]
     ]
     block = {"layers": layers, **{k: st[k] for k in ("sinks", "window", "seed", "delta_rel")}}
     if st.get("estimator", "sampled") == "mean":  # older calibrations predate the key
         block.update(estimator="mean", kmeans_iters=st["kmeans_iters"])
+        if any(spec.get("protect") for spec in layers):
+            block.update(protect_window=st["protect_window"], protect_pool=st["protect_pool"])
     return block
 
 
@@ -389,7 +403,9 @@ def default_entry(dims: dict, recipe: Recipe) -> dict:
         cfg = recipe.for_layer(i, dims["layer_types"][i])
         cap = max_clusters(dims["head_dim"], cfg, i)
         if cfg.estimator == "mean":
-            layers.append({"max_clusters": cap})
+            protect = round(cfg.protect * cap)
+            spec = {"max_clusters": max(1, cap - protect)}
+            layers.append({**spec, "protect": protect} if protect else spec)
             continue
         spec = {"delta": cfg.delta, "t": cfg.t, "s": cfg.s}
         if cap is not None:
@@ -420,6 +436,13 @@ growing at the cap."""
         rows = f"""| estimator | mean (cluster means; k-means, {block.get("kmeans_iters", 6)} rounds) |
 | clusters per kv head at most | {mean("max_clusters"):.0f} (mean over layers) |
 | exact sinks / recent window | {block["sinks"]} / {block["window"]} tokens |"""
+        if any(p.get("protect") for p in comp):
+            about += f"""
+Up to {mean("protect"):.0f} older tokens per sequence (mean over layers) are kept exact
+instead: those the last {block.get("protect_window", 32)} prompt tokens attend to most, so a
+question at the end of the prompt keeps the passage it asks about."""
+            rows += f"""
+| protected exact tokens per sequence | {mean("protect"):.0f} (mean over layers; chosen by the prompt's last {block.get("protect_window", 32)} queries) |"""
         return about, rows
 
     has_delta = all(p.get("delta") is not None for p in comp)

@@ -499,3 +499,31 @@ def test_smollm2_full_cache_retrieves_and_baselines_cost_less(smollm2, tmp_path)
     assert rows["sink_window:64"]["passkey"] <= rows["full"]["passkey"]
     assert rows["sink_window:64"]["kv_bytes_per_token"] < 0.2 * rows["full"]["kv_bytes_per_token"]
     assert rows["sink_window:64"]["perplexity"] > rows["full"]["perplexity"]
+
+
+def test_question_in_prompt_prefills_the_question(tiny_llama_dir, tmp_path, monkeypatch):
+    """--question-in-prompt: context and question (but its last token) in one prefill; a
+    setting of its own, so its cells do not reuse the default protocol's."""
+    seen = []
+    real = ev.greedy_answer
+
+    def recording(model, cache, context_ids, question_ids, max_new, eos=()):
+        seen.append((len(context_ids), len(question_ids)))
+        return real(model, cache, context_ids, question_ids, max_new, eos)
+
+    monkeypatch.setattr(ev, "greedy_answer", recording)
+    loaded = load_tiny(tiny_llama_dir)
+    args = dict(methods="full", tasks="passkey", contexts="96", depths=[0.5], out_dir=tmp_path)
+    first = ev.run_eval(loaded, progress=False, **args)
+    ((ctx_len, q_len),) = seen
+    assert q_len > 1 and "prefilled prompt" not in ev.results_markdown(first)
+    seen.clear()
+    res = ev.run_eval(loaded, progress=False, question_in_prompt=True, **args)
+    assert seen == [(ctx_len + q_len - 1, 1)]  # a cell of its own: ran again
+    assert res["settings"]["question_in_prompt"] is True
+    assert "question at the end of the prefilled prompt" in ev.results_markdown(res)
+    # the full cache is exact either way: same answer
+    assert (
+        res["cells"][0]["metrics"]["examples"][0]["prediction"]
+        == (first["cells"][0]["metrics"]["examples"][0]["prediction"])
+    )

@@ -665,6 +665,133 @@ def test_mean_layer_settings_memory_and_lossless_generation(tiny_llama_dir):
     assert outs[6].shape == dense.shape
 
 
+def prefill_and_step(layers, k, v, q, mask, scale):
+    """Dense prefill of all but the last token (each layer observes its queries), then the
+    last token as one step through the layers; returns the step's outputs."""
+    T = k.shape[2]
+    outs = []
+    for layer in layers:
+        layer.update(k[:, :, :-1], v[:, :, :-1])
+        layer.observe(q[:, :, :-1], k[:, :, :-1], mask[:, None, :-1, :-1], scale)
+    for layer in layers:
+        layer.update(k[:, :, -1:], v[:, :, -1:])
+        outs.append(layer.attend(q[:, :, -1:], mask[:, None, -1:, :T], scale).transpose(1, 2))
+    return outs
+
+
+def test_protected_tokens_are_the_ones_the_last_prompt_queries_read():
+    """A key planted where the prompt's last queries look is kept exact (with its pooled
+    neighbours) in every layer of the cache, not merged; padding is never kept."""
+    g = gen(21)
+    B, H, H_kv, T, d = 2, 4, 2, 80, 16
+    k = torch.randn(B, H_kv, T, d, generator=g)
+    v = torch.randn(B, H_kv, T, d, generator=g)
+    q = torch.randn(B, H, T, d, generator=g) * 0.1
+    planted = 30
+    k[:, :, planted] = 0.0
+    k[:, 1, planted, 0] = 40.0  # kv head 1 only, and only its query heads look at it
+    q[:, 2:, -8:, 0] = 1.0
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[0, :10] = False
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None] & pad[:, None, :]
+    layers = [
+        SubGenLayer(
+            estimator="mean",
+            max_clusters=8,
+            sinks=2,
+            window=6,
+            protect=5,
+            protect_window=8,
+            protect_pool=3,
+        )
+        for _ in range(2)
+    ]
+    kvs_subgen.link_layers(layers)
+    assert layers[0].scores is layers[1].scores
+    prefill_and_step(layers, k, v, q, mask, d**-0.5)
+    for layer in layers:
+        pos = layer.kept_pos
+        assert pos.shape == (B, 5) and (pos[:, 1:] > pos[:, :-1]).all()  # position order
+        for b in range(B):
+            assert {planted - 1, planted, planted + 1} <= set(pos[b].tolist())  # pool of 3
+            assert all(pad[b, p] for p in pos[b].tolist())  # padded positions never kept
+        idx = pos[:, None, :, None].expand(B, H_kv, 5, d)
+        assert torch.equal(layer.kept_k, k.gather(2, idx))  # exact, not merged
+        assert torch.equal(layer.kept_v, v.gather(2, idx))
+        # every other valid streamed token went into the clusters, each counted once
+        streamed_valid = pad[:, 2 : 2 + layer.n_comp].sum(1)
+        assert layer.counts.sum(-1)[:, 0].tolist() == (streamed_valid - 5).tolist()
+    # chosen once per sequence: more steps keep the set; reset forgets the scores
+    before = layers[0].kept_pos.clone()
+    for _ in range(3):
+        layers[0].update(k[:, :, -1:], v[:, :, -1:])
+        layers[0].attend(q[:, :, -1:], None, d**-0.5)
+    assert torch.equal(layers[0].kept_pos, before)
+    layers[0].reset()
+    assert layers[0].scores.total is None
+
+
+def test_protecting_every_streamed_token_is_exact_attention():
+    """Lossless limit: with room to protect every streamed token, the step's output is
+    exact attention (GQA, batch 2, left padding), whatever the cluster cap."""
+    g = gen(22)
+    B, H, H_kv, T, d = 2, 4, 2, 40, 16
+    k = torch.randn(B, H_kv, T, d, generator=g)
+    v = torch.randn(B, H_kv, T, d, generator=g)
+    q = torch.randn(B, H, T, d, generator=g)
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[0, :7] = False
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None] & pad[:, None, :]
+    ref = exact_attention_masked(q, k, v, mask, d**-0.5)[:, :, -1:]
+    for protect, exact in ((T, True), (3, False)):
+        layer = SubGenLayer(estimator="mean", max_clusters=2, sinks=2, window=4, protect=protect)
+        kvs_subgen.link_layers([layer])
+        (out,) = prefill_and_step([layer], k, v, q, mask, d**-0.5)
+        if exact:
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+            assert (layer.kept_pos[0] == -1).sum() == 5  # row 0: 5 padded streamed slots
+        else:
+            assert not torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="protect must be >= 0"):
+        SubGenLayer(estimator="mean", max_clusters=2, protect=-1)
+    with pytest.raises(ValueError, match="protect_pool must be >= 1"):
+        SubGenLayer(estimator="mean", max_clusters=2, protect_pool=0)
+    block = {"layers": [{"max_clusters": 3, "protect": -2}], "sinks": 4, "window": 8}
+    with pytest.raises(ValueError, match=r"layers\[0\]\.protect must be an int >= 0"):
+        kvs_subgen.validate({**block, "seed": 0, "estimator": "mean"}, 1)
+
+
+def test_protect_recipe_splits_the_cluster_budget_and_reaches_the_card():
+    from kvsurgery.recipes import RecipeError, recipe_from_dict
+    from kvsurgery.subgen_calibrate import card_sections, default_entry, max_clusters, runtime_block
+
+    with pytest.raises(RecipeError, match="^protect: needs estimator: mean"):
+        recipe_from_dict({**RECIPE, "protect": 0.5})
+    with pytest.raises(RecipeError, match=r"^protect: must be in \[0, 1\)"):
+        recipe_from_dict({**RECIPE, "estimator": "mean", "protect": 1.0})
+    recipe = recipe_from_dict({**RECIPE, "estimator": "mean", "protect": 0.75})
+    dims = {
+        "num_layers": 2,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+        "layer_types": ["full_attention"] * 2,
+    }
+    budget = max_clusters(16, recipe.config, 0)
+    entry = default_entry(dims, recipe)
+    for spec in entry["layers"]:
+        assert spec["protect"] == round(0.75 * budget)
+        assert spec["max_clusters"] + spec["protect"] == budget  # same memory, split
+    block = runtime_block(entry)
+    assert (block["protect_window"], block["protect_pool"]) == (32, 9)
+    kvs_subgen.validate(block, 2)
+    layer = kvs_subgen.make_layer(None, block["layers"][0], block)
+    assert (layer.protect, layer.max_clusters) == (round(0.75 * budget), budget - layer.protect)
+    about, rows = card_sections(block, type("Info", (), {"base_model": "m", "source": "m"}), "0")
+    assert "kept exact" in about and "protected exact tokens" in rows
+    plain = runtime_block(default_entry(dims, recipe_from_dict({**RECIPE, "estimator": "mean"})))
+    assert "protect_window" not in plain and "protect" not in plain["layers"][0]
+
+
 # ---------------------------------------------------------------------------------------
 # generation with a tiny Llama
 # ---------------------------------------------------------------------------------------
@@ -820,7 +947,7 @@ def test_mean_estimator_calibrates_exports_and_loads_in_fresh_process(tiny_llama
         recipe_from_dict({**RECIPE, "estimator": "mean", "cap_clusters": False})
     with pytest.raises(RecipeError, match="^estimator:"):
         recipe_from_dict({**RECIPE, "estimator": "median"})
-    recipe = recipe_from_dict({**RECIPE, "estimator": "mean"})
+    recipe = recipe_from_dict({**RECIPE, "estimator": "mean", "protect": 0.25})
     cfg = recipe.config
     man = calibrate(
         None,
@@ -833,9 +960,13 @@ def test_mean_estimator_calibrates_exports_and_loads_in_fresh_process(tiny_llama
     budget = cluster_budget(16, cfg)
     assert budget > cluster_budget(16, recipe_from_dict(RECIPE).config)  # 2d per cluster, no s
     for spec in man["methods"]["subgen"]["layers"]:
-        assert spec["max_clusters"] == int(budget) and "delta" not in spec and "t" not in spec
+        assert spec["protect"] == round(0.25 * int(budget))
+        assert spec["max_clusters"] + spec["protect"] == int(budget)
+        assert "delta" not in spec and "t" not in spec
         assert 0 <= spec["attn_rel_err"] < 1
-        worst = head_bytes(16, 2, 8, spec["max_clusters"], 1, 0, "mean") / (256 * 2 * 16 * 2)
+        worst = head_bytes(16, 2, 8 + spec["protect"], spec["max_clusters"], 1, 0, "mean") / (
+            256 * 2 * 16 * 2
+        )
         assert worst <= cfg.target_ratio
     block = runtime_block(man["methods"]["subgen"])
     assert block["estimator"] == "mean" and block["kmeans_iters"] == cfg.kmeans_iters
@@ -843,7 +974,8 @@ def test_mean_estimator_calibrates_exports_and_loads_in_fresh_process(tiny_llama
         tmp_path / "cal", tmp_path / "exp", method="subgen", loaded=load_model(tiny_llama_dir)
     )
     assert "**mean** estimator" in (out / "README.md").read_text()
-    # a prompt past the cap, so the k-means ran, in both processes
+    # a prompt past the cap, so the k-means ran (and tokens were protected), in both processes
     cache = same_tokens_as_fresh_process(out, tmp_path / "cal", tiny_llama_dir, words=20)
     layer = cache.layers[0]
     assert layer.estimator == "mean" and layer.n_comp > int(layer.n_clusters.max()) > 0
+    assert layer.kept_pos.shape[1] == layer.protect > 0 and (layer.kept_pos >= 0).all()

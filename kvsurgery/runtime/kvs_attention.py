@@ -39,6 +39,10 @@ def kvsurgery_attention(module, query, key, value, attention_mask, scaling=None,
             scaling = query.shape[-1] ** -0.5
         extra = {"softcap": softcap} if softcap else {}  # only layers that support it get it
         return layer.attend(query, attention_mask, scaling, **extra), None
+    if getattr(layer, "observe", None) is not None:  # e.g. SubGen's protected tokens
+        layer.observe(
+            query, key, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling
+        )
     if softcap:  # SDPA cannot softcap logits (Gemma2): plain attention instead
         return _dense_softcap(query, key, value, attention_mask, scaling, softcap), None
     return sdpa_attention_forward(

@@ -84,6 +84,9 @@ def build_cache(model) -> KVSurgeryCache:
             layers.append(DynamicLayer())
         else:
             layers.append(runtime.make_layer(state["modules"][i], spec, state))
+    link = getattr(runtime, "link_layers", None)  # layers that share state across the cache
+    if link is not None:
+        link(layers)
     return KVSurgeryCache(layers)
 
 

@@ -12,6 +12,9 @@ mask is token ``j`` of the layer for every batch row. Regions of one batch row::
     [ sinks | streamed (clusters + value reservoir) | window ... current ]
       exact   estimated, O(d (C t + s)) memory        exact
 
+  plus, with ``protect > 0``, up to ``protect`` streamed tokens per sequence kept exact
+  (``kept_k/kept_v``, their positions in ``kept_pos``) instead of being merged.
+
 * ``update`` stores new tokens in the window and returns them unchanged: attention with
   no past (prefill) is dense over them.
 * ``attend`` first streams the tokens that have left the window into the estimator state
@@ -21,6 +24,13 @@ mask is token ``j`` of the layer for every batch row. Regions of one batch row::
   a multi-query step (chunked prefill, teacher forcing) is older than every streamed
   token: the estimate is correct for each of them, and causality inside the step is the
   mask's business on the exact part.
+* Protected tokens (beyond the paper): at a dense prefill every layer ``observe``s the
+  attention of the prompt's last ``protect_window`` queries (SnapKV's observation window);
+  the layers of one cache keep each position's highest score (:class:`PromptScores`),
+  max-pooled over ``protect_pool`` neighbouring positions, and the first stream
+  after the prefill keeps the ``protect`` best-scored streamed tokens of each sequence
+  exact, in every kv head, rather than merging them. A question at the end of the prompt
+  thereby keeps the passage it asks about. The choice is made once per sequence.
 """
 
 from __future__ import annotations
@@ -90,6 +100,9 @@ class SubGenLayer(CompressedLayer):
         max_clusters: int | None = None,
         estimator: str = "sampled",
         kmeans_iters: int = 6,
+        protect: int = 0,
+        protect_window: int = 32,
+        protect_pool: int = 9,
     ):
         super().__init__()
         if estimator not in ESTIMATORS:
@@ -127,6 +140,12 @@ class SubGenLayer(CompressedLayer):
         if max_clusters is not None and (isinstance(max_clusters, bool) or max_clusters < 1):
             raise ValueError(f"SubGenLayer max_clusters must be >= 1, got {max_clusters!r}")
         self.max_clusters = None if max_clusters is None else int(max_clusters)
+        self.protect, self.protect_window = int(protect), int(protect_window)
+        self.protect_pool = int(protect_pool)
+        for name, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"SubGenLayer {name} must be >= {lo}, got {getattr(self, name)}")
+        self.scores: PromptScores | None = None  # shared by a cache's layers (link_layers)
         self.seen = 0
         self.n_comp = 0  # positions streamed (padding included)
         self.last_had_past = False
@@ -142,6 +161,9 @@ class SubGenLayer(CompressedLayer):
         empty = key_states.new_zeros(b, h, 0, d)
         self.sink_k, self.sink_v = empty, empty.clone()
         self.win_k, self.win_v = empty.clone(), empty.clone()
+        self.kept_k, self.kept_v = empty.clone(), empty.clone()
+        self.kept_pos = torch.zeros(b, 0, dtype=torch.int64, device=dev)
+        self._chosen = False  # protected tokens picked (once per sequence)
         state = new_state(b * h, 0, self.t, self.s, d, self.dtype, dev, self.estimator)
         for name, x in state.items():
             setattr(self, name, x.view(b, h, *x.shape[1:]))
@@ -192,6 +214,7 @@ class SubGenLayer(CompressedLayer):
         B, H, _, d = self.win_k.shape
         BH = B * H
         k, v = self.win_k[:, :, :n], self.win_v[:, :, :n]
+        valid = valid & ~self._protect(n, valid)
         ok = valid[:, None, :].expand(B, H, n).reshape(BH, n)
         if self.estimator == "sampled" and self._delta_h is None:
             # median key norm of this head's valid streamed keys, over the batch
@@ -227,6 +250,53 @@ class SubGenLayer(CompressedLayer):
         if cap - used >= CLUSTER_BLOCK:
             self._resize_clusters(used)
 
+    def _protect(self, n: int, valid: torch.Tensor) -> torch.Tensor:
+        """Keep the best-scored of the ``n`` tokens about to be streamed exact (once per
+        sequence, from the prompt scores); returns ``(B, n)`` bool, True = kept."""
+        B = valid.shape[0]
+        kept = torch.zeros_like(valid)
+        scores = None if self.scores is None else self.scores.total
+        if self.protect == 0 or self._chosen or scores is None:
+            return kept
+        self._chosen = True
+        start = self.sink_k.shape[2] + self.n_comp
+        sc = torch.full((B, n), float("-inf"), device=valid.device)
+        m = max(0, min(n, scores.shape[1] - start))  # positions the prefill scored
+        sc[:, :m] = scores[:, start : start + m].to(sc.device)
+        sc = torch.where(valid, sc, float("-inf"))
+        p = min(self.protect, n)
+        top = sc.topk(p, dim=1).indices.sort(dim=1).values  # (B, p), in position order
+        picked = sc.gather(1, top) > float("-inf")
+        kept.scatter_(1, top, picked)
+        idx = top[:, None, :, None].expand(B, self.win_k.shape[1], p, self.win_k.shape[3])
+        self.kept_k = self.win_k.gather(2, idx)
+        self.kept_v = self.win_v.gather(2, idx)
+        # a row with fewer scored tokens than p points its spare slots at a padded (masked)
+        # position: -1 marks them, and the attention mask hides them
+        self.kept_pos = torch.where(picked, top + start, -1)
+        return kept
+
+    def observe(self, query, key, attention_mask, scaling) -> None:
+        """Dense prefill (no past): add this layer's attention from the last
+        ``protect_window`` queries to each cached position into the shared prompt scores."""
+        if self.protect == 0 or self.scores is None or self.n_comp > 0 or self._chosen:
+            return
+        B, H, q_len, d = query.shape
+        hk = key.shape[1]
+        o = min(self.protect_window, q_len)
+        allowed = self._valid_mask(attention_mask, q_len, B, query.device)[:, -o:]
+        g = H // hk
+        q = query[:, :, -o:].float().reshape(B, hk, g * o, d)  # query heads of a kv head
+        logits = (q @ key.float().transpose(-1, -2)) * scaling  # (B, hk, g o, seen)
+        mask = allowed[:, None].expand(B, g, o, -1).reshape(B, 1, g * o, -1)
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        per_head = probs.sum(2)  # (B, hk, seen)
+        # the sinks (always exact) soak up much of it, unevenly across layers: leave them
+        # out before normalising, so that every layer's ranking of the rest counts the same
+        per_head[..., : self.sink_k.shape[2]] = 0.0
+        per_head = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-30)
+        self.scores.add(per_head.mean(1), self.protect_pool)
+
     def attend(self, query, attention_mask, scaling):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
 
@@ -243,11 +313,13 @@ class SubGenLayer(CompressedLayer):
             # the last query sees every older unpadded token: its row is the padding mask
             self._stream(limit - start, allowed[:, -1, start:limit])
             start = limit
-        mask = torch.cat([allowed[:, :, :n_s], allowed[:, :, start:]], dim=-1)
+        pos = self.kept_pos.clamp_min(0)[:, None, :].expand(-1, q_len, -1)
+        kept_ok = allowed.gather(2, pos) & (self.kept_pos >= 0)[:, None, :]
+        mask = torch.cat([allowed[:, :, :n_s], kept_ok, allowed[:, :, start:]], dim=-1)
         out = estimate_attention(
             query,
-            torch.cat([self.sink_k, self.win_k], dim=2),
-            torch.cat([self.sink_v, self.win_v], dim=2),
+            torch.cat([self.sink_k, self.kept_k, self.win_k], dim=2),
+            torch.cat([self.sink_v, self.kept_v, self.win_v], dim=2),
             mask,
             {n: getattr(self, n) for n in STATE_KEYS},
             scaling,
@@ -256,7 +328,7 @@ class SubGenLayer(CompressedLayer):
 
     # -- bookkeeping ------------------------------------------------------------------
     def _tensors(self):
-        return ("sink_k", "sink_v", "win_k", "win_v", *STATE_KEYS)
+        return ("sink_k", "sink_v", "kept_k", "kept_v", "kept_pos", "win_k", "win_v", *STATE_KEYS)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens (negative count, as transformers passes).
@@ -287,13 +359,54 @@ class SubGenLayer(CompressedLayer):
     def reset(self) -> None:
         self.is_initialized = False
         self.seen = self.n_comp = 0
+        if self.scores is not None:
+            self.scores.total = None
+
+
+class PromptScores:
+    """Attention paid to each prompt position by the prompt's last queries: per layer
+    normalised to 1 per sequence (sinks left out) and max-pooled over neighbouring
+    positions, so that a protected token keeps its context (the words around a fact are
+    what a later query matches); over the layers of one cache, the maximum. The maximum,
+    not the sum: only some layers look back at the passage a question asks about, and
+    their peaks are lost in a sum over the diffuse rest (SmolLM2, needle at 2k)."""
+
+    def __init__(self):
+        self.total = None  # (B, seen) float32, or None before a prefill
+
+    def add(self, scores: torch.Tensor, pool: int) -> None:
+        if pool > 1:
+            scores = torch.nn.functional.max_pool1d(
+                scores[:, None], pool, stride=1, padding=pool // 2, ceil_mode=False
+            )[:, 0, : scores.shape[1]]
+        if self.total is None or self.total.shape != scores.shape:
+            self.total = scores.clone()
+        else:
+            torch.maximum(self.total, scores, out=self.total)
+
+
+def link_layers(layers: list) -> None:
+    """Give the SubGen layers of one cache a shared :class:`PromptScores`."""
+    scores = PromptScores()
+    for layer in layers:
+        if isinstance(layer, SubGenLayer):
+            layer.scores = scores
 
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
 BUFFERS: tuple[str, ...] = ()  # SubGen calibrates settings (radii, t, s), not tensors
 # Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
-LAYER_KEYS = ("delta", "t", "s", "max_clusters")
-GLOBAL_KEYS = ("delta_rel", "sinks", "window", "seed", "estimator", "kmeans_iters")
+LAYER_KEYS = ("delta", "t", "s", "max_clusters", "protect")
+GLOBAL_KEYS = (
+    "delta_rel",
+    "sinks",
+    "window",
+    "seed",
+    "estimator",
+    "kmeans_iters",
+    "protect_window",
+    "protect_pool",
+)
 
 
 def _setting(spec: dict, block: dict, key: str):
@@ -313,13 +426,14 @@ def validate(block: dict, num_layers: int) -> None:
         )
     mean = estimator == "mean"
     ints = (("sinks", 0), ("window", 1), ("seed", 0))
+    ints += (("protect", 0), ("protect_window", 1), ("protect_pool", 1))
     ints += (("kmeans_iters", 1),) if mean else (("t", 1), ("s", 1))
     for i, spec in enumerate(block["layers"]):
         if spec.get("dense"):
             continue
         for key, lo in ints:
             v = _setting(spec, block, key)
-            if key == "kmeans_iters" and v is None:
+            if key in ("kmeans_iters", "protect", "protect_window", "protect_pool") and v is None:
                 continue  # the layer's default
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(
@@ -373,4 +487,7 @@ def make_layer(mod, spec: dict, block: dict) -> SubGenLayer:
         max_clusters=_setting(spec, block, "max_clusters"),
         estimator=block.get("estimator", "sampled"),
         kmeans_iters=block.get("kmeans_iters") or 6,
+        protect=_setting(spec, block, "protect") or 0,
+        protect_window=block.get("protect_window") or 32,
+        protect_pool=block.get("protect_pool") or 9,
     )
