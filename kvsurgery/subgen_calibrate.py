@@ -120,20 +120,27 @@ def max_clusters(d: int, cfg, layer: int) -> int | None:
     return math.floor(_cluster_room(d, cfg, layer, fix))
 
 
+def _mean_spec(d: int, cfg, layer: int) -> dict:
+    """The mean estimator's layer spec: the clusters per kv head the memory target leaves,
+    ``protect`` (when the recipe asks for it) of them given to protected exact tokens
+    instead (a token costs less than a cluster: no count)."""
+    budget = max_clusters(d, cfg, layer)
+    protect = round(cfg.protect * budget)
+    spec = {"max_clusters": max(1, budget - protect)}
+    return {**spec, "protect": protect} if protect else spec
+
+
 def _mean_layer(i: int, k, v, q, d: int, cfg, n_stream: int, scale: float) -> dict:
     """The mean estimator's entry for layer ``i``: the cap from the memory target and the
     error measured at that cap scaled to the simulated length (same merge ratio).
-    ``protect`` moves its share of the cap to protected exact tokens (a token costs less
-    than a cluster: no count); the error is measured at the clusters left, without the
-    protected tokens (which depend on the prompt's question)."""
-    budget = max_clusters(d, cfg, i)
-    protect = round(cfg.protect * budget)
-    cap = max(1, budget - protect)
+    With ``protect`` the error is measured at the clusters left (:func:`_mean_spec`),
+    without the protected tokens (which depend on the prompt's question)."""
+    entry = _mean_spec(d, cfg, i)
+    cap, protect = entry["max_clusters"], entry.get("protect", 0)
     H, n = k.shape[:2]
     sim_cap = max(1, min(n, round(cap * n / n_stream)))
     err = attention_error(k, v, q, None, 1, 0, scale, mean_cap=sim_cap, iters=cfg.kmeans_iters)
     mem = head_bytes(d, cfg.sinks, cfg.window + protect, min(cap, n_stream), 1, 0, "mean")
-    entry = {"max_clusters": cap, "protect": protect} if protect else {"max_clusters": cap}
     return {
         **entry,
         "sim_tokens": int(n),
@@ -401,12 +408,10 @@ def default_entry(dims: dict, recipe: Recipe) -> dict:
             layers.append({"dense": True})
             continue
         cfg = recipe.for_layer(i, dims["layer_types"][i])
-        cap = max_clusters(dims["head_dim"], cfg, i)
         if cfg.estimator == "mean":
-            protect = round(cfg.protect * cap)
-            spec = {"max_clusters": max(1, cap - protect)}
-            layers.append({**spec, "protect": protect} if protect else spec)
+            layers.append(_mean_spec(dims["head_dim"], cfg, i))
             continue
+        cap = max_clusters(dims["head_dim"], cfg, i)
         spec = {"delta": cfg.delta, "t": cfg.t, "s": cfg.s}
         if cap is not None:
             spec["max_clusters"] = cap

@@ -34,15 +34,12 @@ def kvsurgery_attention(module, query, key, value, attention_mask, scaling=None,
     # Any compressed layer (KV-Dict, ClusterKV, ...) attends over its own state once it
     # holds a past; dense and sliding-window layers go to SDPA.
     softcap = kwargs.get("softcap")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if getattr(layer, "last_had_past", False) and hasattr(layer, "attend"):
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
         extra = {"softcap": softcap} if softcap else {}  # only layers that support it get it
-        return layer.attend(query, attention_mask, scaling, **extra), None
+        return layer.attend(query, attention_mask, scale, **extra), None
     if getattr(layer, "observe", None) is not None:  # e.g. SubGen's protected tokens
-        layer.observe(
-            query, key, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling
-        )
+        layer.observe(query, key, attention_mask, scale)
     if softcap:  # SDPA cannot softcap logits (Gemma2): plain attention instead
         return _dense_softcap(query, key, value, attention_mask, scaling, softcap), None
     return sdpa_attention_forward(

@@ -133,18 +133,18 @@ class SubGenLayer(CompressedLayer):
         self.delta_rel = delta_rel
         self.t, self.s = int(t), int(s)
         self.sinks, self.window, self.seed = int(sinks), int(window), int(seed)
+        self.protect, self.protect_window = int(protect), int(protect_window)
+        self.protect_pool = int(protect_pool)
         s_min = 0 if estimator == "mean" else 1
-        for name, lo in (("t", 1), ("s", s_min), ("sinks", 0), ("window", 1), ("seed", 0)):
+        for name, lo in (
+            ("t", 1), ("s", s_min), ("sinks", 0), ("window", 1), ("seed", 0),
+            ("protect", 0), ("protect_window", 1), ("protect_pool", 1),
+        ):  # fmt: skip
             if getattr(self, name) < lo:
                 raise ValueError(f"SubGenLayer {name} must be >= {lo}, got {getattr(self, name)}")
         if max_clusters is not None and (isinstance(max_clusters, bool) or max_clusters < 1):
             raise ValueError(f"SubGenLayer max_clusters must be >= 1, got {max_clusters!r}")
         self.max_clusters = None if max_clusters is None else int(max_clusters)
-        self.protect, self.protect_window = int(protect), int(protect_window)
-        self.protect_pool = int(protect_pool)
-        for name, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"SubGenLayer {name} must be >= {lo}, got {getattr(self, name)}")
         self.scores: PromptScores | None = None  # shared by a cache's layers (link_layers)
         self.seen = 0
         self.n_comp = 0  # positions streamed (padding included)
@@ -407,6 +407,8 @@ GLOBAL_KEYS = (
     "protect_window",
     "protect_pool",
 )
+# Settings a block may leave out: the layer's own defaults then apply.
+OPTIONAL_KEYS = ("kmeans_iters", "protect", "protect_window", "protect_pool")
 
 
 def _setting(spec: dict, block: dict, key: str):
@@ -433,7 +435,7 @@ def validate(block: dict, num_layers: int) -> None:
             continue
         for key, lo in ints:
             v = _setting(spec, block, key)
-            if key in ("kmeans_iters", "protect", "protect_window", "protect_pool") and v is None:
+            if key in OPTIONAL_KEYS and v is None:
                 continue  # the layer's default
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(
@@ -486,8 +488,5 @@ def make_layer(mod, spec: dict, block: dict) -> SubGenLayer:
         seed=int(block.get("seed", 0)) * 100_003 + int(getattr(mod, "layer_idx", 0)),
         max_clusters=_setting(spec, block, "max_clusters"),
         estimator=block.get("estimator", "sampled"),
-        kmeans_iters=block.get("kmeans_iters") or 6,
-        protect=_setting(spec, block, "protect") or 0,
-        protect_window=block.get("protect_window") or 32,
-        protect_pool=block.get("protect_pool") or 9,
+        **{k: v for k in OPTIONAL_KEYS if (v := _setting(spec, block, k)) is not None},
     )
