@@ -285,8 +285,14 @@ def _kvdict_card(block: dict, info, comp: list) -> tuple[str, str]:
 (sparse codes over per-layer dictionaries, arXiv 2412.08890), produced by kvsurgery
 {__version__}. The weights are unchanged; the checkpoint adds one key and one value
 dictionary per layer and the runtime code that decodes with them."""
+    protect = block.get("protect", 0)
+    if protect:
+        about += f"""
+When a prompt is compressed, the {protect} prompt tokens its last queries attend to most
+are also kept exact (a question at the end of the prompt keeps the passage it asks about)."""
     rows = f"""| mean non-zeros per key / value | {mean_sk:.2f} / {mean_sv:.2f} |
 | exact sinks / recent buffer | {block["sinks"]} / {block["buffer"]} tokens |
+| protected exact prompt tokens | {protect} |
 | compressed-token bytes vs fp16 | {block["code_bytes_ratio"]:.1%} |"""
     return about, rows
 

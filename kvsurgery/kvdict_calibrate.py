@@ -148,6 +148,7 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
     err_v = torch.stack([curves_v[i] for i in layers])
     if base.target_ratio is not None or base.max_error is not None:
         exact = min(1.0, (base.sinks + base.buffer) / base.target_context)
+        protected = base.protect / base.target_context
         target = base.target_ratio
         if target is not None:
             # Uncompressed layers cost 1 each; the compressed ones share what is left.
@@ -167,6 +168,7 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             s_min=base.s_min,
             s_max=s_max,
             exact_fraction=exact,
+            protected_fraction=protected,
             key_weight=base.key_weight,
         )
     else:
@@ -245,6 +247,8 @@ def runtime_block(entry: dict) -> dict:
     return {
         "layers": layers,
         **{k: settings[k] for k in ("sinks", "buffer", "flush", "omp_tol", "coef_dtype")},
+        # older calibrations have no protect setting; a block without it protects nothing
+        **({"protect": settings["protect"]} if settings.get("protect") else {}),
         "key_map": _has_key_map(entry),
         "code_bytes_ratio": entry["code_bytes_ratio"],
     }

@@ -81,6 +81,10 @@ class KVDictConfig:
     sinks: int = 4  # exact tokens at the start
     buffer: int = 128  # exact recent tokens
     flush: int = 16  # tokens encoded at once when the buffer overflows
+    # Exact tokens per sequence chosen by the prompt's last queries when the prompt is
+    # encoded (a question at the end of the prompt keeps the passage it asks about); they
+    # count in the byte target. 0: none.
+    protect: int = 0
     omp_tol: float | None = None  # optional early stop of OMP at runtime
     coef_dtype: str = "float8_e4m3fn"  # float16/float32 only for tests of the lossless limit
     dense: bool = False  # keep this layer uncompressed (per-layer override)
@@ -127,8 +131,16 @@ class KVDictConfig:
         _require(self.sinks >= 0, "sinks", f"must be >= 0, got {self.sinks}")
         _require(self.buffer >= 1, "buffer", f"must be >= 1, got {self.buffer}")
         _require(self.flush >= 1, "flush", f"must be >= 1, got {self.flush}")
+        _require(self.protect >= 0, "protect", f"must be >= 0, got {self.protect}")
         _require(
             self.target_context >= 1, "target_context", f"must be >= 1, got {self.target_context}"
+        )
+        _require(
+            self.sinks + self.buffer + self.protect < self.target_context,
+            "protect",
+            f"sinks + buffer + protect ({self.sinks + self.buffer + self.protect}) leave nothing "
+            f"to compress at target_context {self.target_context}; lower them or raise "
+            "target_context",
         )
         _require(
             self.coef_dtype in ("float8_e4m3fn", "float16", "float32"),

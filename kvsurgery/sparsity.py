@@ -21,14 +21,16 @@ def compression_ratio(
     d: int,
     bytes_per_coef: int = 3,
     exact_fraction: float = 0.0,
+    protected_fraction: float = 0.0,
 ) -> float:
     """Compressed bytes per token over fp16 bytes, all layers together.
 
     ``exact_fraction`` of the tokens (sinks and recent buffer) stay in fp16 and count at
     ratio 1: ``exact_fraction + (1 - exact_fraction) * sum_l bpc (s_k + s_v) / (L 4 d)``.
+    ``protected_fraction`` of the tokens are coded *and* kept in fp16: they add at ratio 1.
     """
     code = bytes_per_coef * (sum(s_k) + sum(s_v)) / (len(s_k) * 4 * d)
-    return exact_fraction + (1.0 - exact_fraction) * code
+    return exact_fraction + protected_fraction + (1.0 - exact_fraction) * code
 
 
 def _curves(err_k, err_v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +55,7 @@ def choose_sparsity(
     s_min: int = 1,
     s_max: int | None = None,
     exact_fraction: float = 0.0,
+    protected_fraction: float = 0.0,
     key_weight: float = 1.0,
 ) -> tuple[list[int], list[int]]:
     """Atoms per layer for keys and values.
@@ -73,6 +76,7 @@ def choose_sparsity(
             per K/V whose error is ``<= max_error`` (``s_max`` where none is).
         s_min, s_max: bounds on every ``s`` (``s_max`` defaults to ``S``).
         exact_fraction: share of tokens kept in fp16, in ``[0, 1)``.
+        protected_fraction: share of tokens kept in fp16 besides their codes (>= 0).
         key_weight: how much more a unit of key error costs than a unit of value error
             (> 0): key gains are multiplied by it in the budget mode, and the key bound is
             ``max_error / key_weight`` in the error mode.
@@ -96,6 +100,8 @@ def choose_sparsity(
         )
     if not 0.0 <= exact_fraction < 1.0:
         raise ValueError(f"exact_fraction must be in [0, 1), got {exact_fraction}")
+    if not protected_fraction >= 0.0:
+        raise ValueError(f"protected_fraction must be >= 0, got {protected_fraction}")
     if not key_weight > 0:
         raise ValueError(f"key_weight must be > 0, got {key_weight}")
     if d < 1 or bytes_per_coef < 1:
@@ -111,16 +117,17 @@ def choose_sparsity(
 
     floor = compression_ratio(
         [s_min] * n_layers, [s_min] * n_layers, d=d, bytes_per_coef=bytes_per_coef,
-        exact_fraction=exact_fraction,
+        exact_fraction=exact_fraction, protected_fraction=protected_fraction,
     )  # fmt: skip
     if target_ratio < floor - 1e-12:
         raise ValueError(
             f"target_ratio={target_ratio:g} is unreachable: s_min={s_min} atoms for keys and "
             f"values in all {n_layers} layers already give a ratio of {floor:.4f} "
-            f"(d={d}, {bytes_per_coef} bytes per atom, exact_fraction={exact_fraction:g})"
+            f"(d={d}, {bytes_per_coef} bytes per atom, exact_fraction={exact_fraction:g}, "
+            f"protected_fraction={protected_fraction:g})"
         )
     # Budget in atoms: sum(s_k + s_v) * bpc <= code_ratio * L * 4d.
-    code_ratio = (target_ratio - exact_fraction) / (1.0 - exact_fraction)
+    code_ratio = (target_ratio - exact_fraction - protected_fraction) / (1.0 - exact_fraction)
     budget = int(code_ratio * n_layers * 4 * d / bytes_per_coef + 1e-9)
     chosen = [[s_min] * n_layers, [s_min] * n_layers]
     curves = (ek, ev)

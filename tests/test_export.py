@@ -393,3 +393,45 @@ def test_softcapping_refused_by_methods_without_it(tiny_dirs):
     model, _, _ = load_model(tiny_dirs("gemma2"))
     with pytest.raises(KVSurgeryError, match="softcapping"):
         apply_default(model, "clusterkv")
+
+
+def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_dir, tmp_path):
+    """``protect`` is paid for in the byte target, reaches the block and the card, and the
+    export protects the same tokens in a fresh process as the toolkit does in-process."""
+    from kvsurgery.sparsity import compression_ratio
+
+    budget = {"target_ratio": 0.5, "target_context": 64, "s_min": 1, "s_max": 8}
+    atoms = {}
+    for protect in (0, 8):
+        recipe = recipe_from_dict({**RECIPE, **budget, "protect": protect})
+        man = calibrate(
+            None,
+            tmp_path / "cal",
+            recipes=[recipe],
+            settings=CalibrationConfig(samples=4, seq_len=64, max_vectors=2000),
+            loaded=load_model(tiny_llama_dir),
+            progress=False,
+        )
+        layers = man["methods"]["kvdict"]["layers"]
+        s_k, s_v = [p["s_k"] for p in layers], [p["s_v"] for p in layers]
+        ratio = compression_ratio(
+            s_k, s_v, d=16, exact_fraction=10 / 64, protected_fraction=protect / 64
+        )
+        assert ratio <= 0.5
+        atoms[protect] = sum(s_k) + sum(s_v)
+    assert atoms[8] < atoms[0]  # the protected tokens' fp16 bytes come out of the codes
+    out = export(tmp_path / "cal", tmp_path / "exp", loaded=load_model(tiny_llama_dir))
+    block = json.loads((out / "config.json").read_text())["kvsurgery"]
+    assert block["protect"] == 8
+    assert "| protected exact prompt tokens | 8 |" in (out / "README.md").read_text()
+    prompt = " ".join([PROMPT] * 2)
+    res = run_fresh_process(out, prompt, 12)
+    model, tok, _ = load_model(tiny_llama_dir)
+    apply_to_model(model, tmp_path / "cal")
+    model.set_attn_implementation(ATTN_NAME)
+    ids = tok(prompt, return_tensors="pt")
+    cache = build_cache(model)
+    mine = model.generate(**ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()
+    layer = cache.layers[0]
+    assert layer.kept_pos.shape == (1, 8) and (layer.kept_pos >= 2).all()

@@ -59,6 +59,11 @@ def test_precedence_defaults_recipe_cli(tmp_path):
         ("method: kvdict\nlayers: {'x y': {s_k: 3}}\n", r"layers.x y: a layer selector"),
         ("method: kvdict\nlayers: {'1': {s_k: 0}}\n", r"layers.1.s_k: must be >= 1"),
         ("method: kvdict\nbuffer: true\n", r"buffer: expected int, got bool"),
+        ("method: kvdict\nprotect: -1\n", r"protect: must be >= 0"),
+        (
+            "method: kvdict\nbuffer: 64\nprotect: 30\ntarget_context: 98\n",
+            r"protect: sinks \+ buffer",
+        ),
         ("[1, 2]\n", r"a recipe is a mapping"),
     ],
 )

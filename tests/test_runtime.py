@@ -258,3 +258,126 @@ def test_gemma2_softcapping_lossless_limit_equals_eager(tiny_dirs):
     out = model.generate(x, max_new_tokens=16, do_sample=False, past_key_values=cache)
     assert torch.equal(out, dense)
     assert any(getattr(layer, "n_comp", 0) > 0 for layer in cache.layers)  # codes were read
+
+
+# -- protected tokens ----------------------------------------------------------------------
+def protecting(blk, protect, window=8, pool=3):
+    return {**blk, "protect": protect, "protect_window": window, "protect_pool": pool}
+
+
+def test_protecting_every_encoded_token_equals_dense(model):
+    """Lossless limit with lossy codes (1 random atom, fp8): when every encoded prompt token
+    is protected, attention reads them exactly and the logits equal dense ones (batch 2,
+    left padding, teacher forcing); protecting 3 leaves the codes' error. Later flushes
+    protect nothing."""
+    x = ids(2, 40, seed=11)
+    mask = torch.ones_like(x)
+    x[0, :6], mask[0, :6] = 2, 0
+    with torch.no_grad():
+        ref = model(x, attention_mask=mask).logits[:, 30:]
+    dicts = {i: (random_dict(64, i), random_dict(64, 10 + i)) for i in range(2)}
+    lossy = block(1, n_atoms=64, coef="float8_e4m3fn", flush=16)  # no flush after the prompt
+    for protect, exact in ((40, True), (3, False)):
+        compress(model, protecting(lossy, protect), dicts)
+        cache = build_cache(model)
+        with torch.no_grad():
+            model(x[:, :30], attention_mask=mask[:, :30], past_key_values=cache)
+            layer = cache.layers[0]
+            assert layer.n_comp == 0 and layer.buf_k.shape[2] == 26  # waits for the scores
+            out = torch.cat(
+                [
+                    model(
+                        x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache
+                    ).logits
+                    for t in range(30, 40)
+                ],
+                1,
+            )
+        assert layer.n_comp == 30 - 4 - 8  # the prompt was encoded at the first step
+        if exact:
+            torch.testing.assert_close(out[1], ref[1], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(out[0], ref[0], atol=2e-5, rtol=1e-4)
+            # positions 4..21 were encoded; row 0's padding among them (4, 5) is never kept
+            assert layer.kept_pos[0].tolist() == [-1, -1, *range(6, 22)]
+            assert layer.kept_pos[1].tolist() == list(range(4, 22))
+        else:
+            assert layer.kept_pos.shape == (2, 3)
+            assert not torch.allclose(out, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_protected_tokens_are_where_the_last_prompt_queries_look():
+    """A key planted where the prompt's last queries look is kept exact with its pooled
+    neighbours in every layer (chosen once, in position order, never padding) while its
+    code is masked; a crop into the codes drops the protected tokens it removes."""
+    from kvsurgery.runtime import kvs_cache
+
+    g = torch.Generator().manual_seed(21)
+    B, H, H_kv, T, d = 2, 4, 2, 60, HD
+    k = torch.randn(B, H_kv, T, d, generator=g)
+    v = torch.randn(B, H_kv, T, d, generator=g)
+    q = torch.randn(B, H, T, d, generator=g) * 0.1
+    planted = 25
+    k[:, :, planted] = 0.0
+    k[:, 1, planted, 0] = 40.0  # kv head 1 only, read by query heads 2 and 3
+    q[:, 2:, -8:, 0] = 1.0
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[0, :10] = False
+    mask = (torch.ones(T, T, dtype=torch.bool).tril()[None] & pad[:, None, :])[:, None]
+    eye = torch.eye(d)
+    layers = [
+        KVDictLayer(eye, eye, eye, eye, 2, 2, sinks=2, buffer=6, flush=4, coef_dtype="float32",
+                    protect=5, protect_window=8, protect_pool=3)
+        for _ in range(2)
+    ]  # fmt: skip
+    kvs_cache.link_layers(layers)
+    assert layers[0].scores is layers[1].scores
+    scale = d**-0.5
+    for layer in layers:
+        layer.update(k[:, :, :-1], v[:, :, :-1])
+        layer.observe(q[:, :, :-1], k[:, :, :-1], mask[:, :, :-1, :-1], scale)
+    for layer in layers:
+        layer.update(k[:, :, -1:], v[:, :, -1:])
+        layer.attend(q[:, :, -1:], mask[:, :, -1:], scale)
+        pos = layer.kept_pos
+        assert pos.shape == (B, 5) and (pos[:, 1:] > pos[:, :-1]).all()
+        for b in range(B):
+            assert {planted - 1, planted, planted + 1} <= set(pos[b].tolist())
+            assert all(pad[b, p] for p in pos[b].tolist())
+        idx = pos[:, None, :, None].expand(B, H_kv, 5, d)
+        assert torch.equal(layer.kept_k, k.gather(2, idx)) and torch.equal(
+            layer.kept_v, v.gather(2, idx)
+        )
+        assert layer.n_comp == T - 1 - 2 - 6  # the prompt past the buffer was coded too
+    before = layers[0].kept_pos.clone()
+    for _ in range(6):  # later flushes protect nothing new
+        layers[0].update(k[:, :, -1:], v[:, :, -1:])
+        layers[0].attend(q[:, :, -1:], None, scale)
+    assert torch.equal(layers[0].kept_pos, before)
+    layers[1].crop(-(7 + T - 3 - planted))  # buffer, then codes down to position `planted`
+    assert (layers[1].kept_pos < 2 + layers[1].n_comp).all()
+    assert (layers[1].kept_pos[:, -2:] == -1).all()  # planted and planted + 1 dropped
+    layers[0].reset()
+    assert layers[0].scores.total is None
+    with pytest.raises(ValueError, match="protect must be >= 0"):
+        KVDictLayer(eye, eye, eye, eye, 2, 2, protect=-1)
+    with pytest.raises(ValueError, match=r"config.kvsurgery.protect_pool must be an int >= 1"):
+        kvs_cache.validate(protecting(block(2), 2, pool=0), 2)
+
+
+def test_protected_tokens_count_in_measured_memory(model):
+    compress(
+        model,
+        protecting(block(5, n_atoms=64, coef="float8_e4m3fn"), 16),
+        {i: (random_dict(64, i), random_dict(64, i)) for i in range(2)},
+    )
+    cache = build_cache(model)
+    t = 300
+    with torch.no_grad():
+        model(ids(1, t), past_key_values=cache)
+        model(ids(1, 1), past_key_values=cache)
+    layer = cache.layers[0]
+    n_c = t - 4 - 8  # what the prefill would have encoded without protection
+    assert layer.n_comp == n_c and layer.kept_pos.shape == (1, 16)
+    exact = (4 + 16 + 9) * 2 * 2 * HD * 4 + 16 * 8  # sinks, kept, buffer (fp32) + positions
+    codes = 2 * -(-n_c // CODE_BLOCK) * CODE_BLOCK * 2 * 5 * 3
+    assert layer.nbytes() == exact + codes

@@ -33,6 +33,23 @@ def test_budget_respected_and_nearly_spent(exact_fraction):
         assert full or ratio > target - atom - 1e-12
 
 
+def test_protected_tokens_are_paid_for_in_atoms():
+    """Protected tokens are coded and exact: at the same target they cost exactly their
+    fp16 share in atoms, and the ratio counts them."""
+    ek, ev = _curves(2)
+    atom = 0.9 * 3 / (L * 4 * D)
+    plain = choose_sparsity(ek, ev, d=D, target_ratio=0.3, exact_fraction=0.1)
+    sk, sv = choose_sparsity(
+        ek, ev, d=D, target_ratio=0.3, exact_fraction=0.1, protected_fraction=0.05
+    )
+    ratio = compression_ratio(sk, sv, d=D, exact_fraction=0.1, protected_fraction=0.05)
+    assert 0.3 - atom - 1e-12 < ratio <= 0.3 + 1e-12
+    spent = sum(sk) + sum(sv) - sum(plain[0]) - sum(plain[1])
+    assert abs(spent * atom + 0.05) <= atom + 1e-12  # 0.05 of fp16 less for the codes
+    with pytest.raises(ValueError, match="protected_fraction must be >= 0"):
+        choose_sparsity(ek, ev, d=D, target_ratio=0.3, protected_fraction=-0.1)
+
+
 def test_monotone_in_target():
     ek, ev = _curves(1)
     prev = None

@@ -6,6 +6,12 @@ torch, transformers and its sibling modules.
 
 Token order inside a layer is the order of positions: ``[sinks | compressed | buffer]``,
 so column ``j`` of the attention mask is token ``j`` of the layer for every batch row.
+
+With ``protect > 0`` (beyond the paper; see ``kvs_layer.py``) the prompt is encoded at the
+first step after the prefill, when every layer has scored it, and the ``protect``
+best-scored tokens of each sequence among those encoded are also kept exact
+(``kept_k/kept_v``, positions in ``kept_pos``): attention reads them exactly and masks
+their codes.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 
 from ..kernels.kvdict_attention import kvdict_attention
 from ..kernels.omp import omp
-from .kvs_layer import CompressedLayer
+from .kvs_layer import CompressedLayer, link_prompt_scores
 
 # Codes are stored in blocks of this many tokens: one reallocation per block keeps appends
 # amortised O(1) while the allocated bytes stay within one block of what the format promises.
@@ -58,12 +64,21 @@ class KVDictLayer(CompressedLayer):
         coef_dtype="float8_e4m3fn",
         kmap=None,
         qmap=None,
+        protect=0,
+        protect_window=32,
+        protect_pool=9,
     ):
         super().__init__()
         self.dk, self.dv, self.gram_k, self.gram_v = dk, dv, gram_k, gram_v
         self.kmap, self.qmap = kmap, qmap  # fp32 W and W⁻ᵀ, (H_kv, d[, d]), or both None
         self.s_k, self.s_v = int(s_k), int(s_v)
         self.sinks, self.buffer, self.flush = int(sinks), int(buffer), int(flush)
+        self.protect, self.protect_window = int(protect), int(protect_window)
+        self.protect_pool = int(protect_pool)
+        for name, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"KVDictLayer {name} must be >= {lo}, got {getattr(self, name)}")
+        self.scores = None  # PromptScores shared by a cache's layers (link_layers)
         self.omp_tol = omp_tol
         self.coef_dtype = _COEF_DTYPES[coef_dtype]
         self.n_comp = 0
@@ -81,6 +96,9 @@ class KVDictLayer(CompressedLayer):
         self.v_idx = torch.zeros(b, h, 0, self.s_v, dtype=torch.int16, device=self.device)
         self.k_coef = torch.zeros(b, h, 0, self.s_k, dtype=self.coef_dtype, device=self.device)
         self.v_coef = torch.zeros(b, h, 0, self.s_v, dtype=self.coef_dtype, device=self.device)
+        self.kept_k, self.kept_v = empty.clone(), empty.clone()
+        self.kept_pos = torch.zeros(b, 0, dtype=torch.int64, device=self.device)
+        self._chosen = False  # protected tokens picked (once per sequence)
         self.keys = self.values = None  # dense views do not exist for this layer
         self.is_initialized = True
 
@@ -144,6 +162,19 @@ class KVDictLayer(CompressedLayer):
         self.v_idx[:, :, sl], self.v_coef[:, :, sl] = vi, vc
         self.n_comp += t
 
+    def _protect(self, k, v, valid) -> None:
+        """Keep the best-scored of the tokens ``k, v`` about to be encoded exact as well
+        (once per sequence); ``valid`` ``(B, n)``: the tokens that are not padding."""
+        start = self.sink_k.shape[2] + self.n_comp
+        choice = self._pick_protected(start, valid)
+        if choice is None:
+            return
+        top, picked = choice
+        B, H, _, d = k.shape
+        idx = top[:, None, :, None].expand(B, H, top.shape[1], d)
+        self.kept_k, self.kept_v = k.gather(2, idx), v.gather(2, idx)
+        self.kept_pos = torch.where(picked, top + start, -1)
+
     # -- cache verbs ------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
         """Store new tokens ``(B, H_kv, T, d)``; returns them unchanged (prefill attention is dense)."""
@@ -154,13 +185,37 @@ class KVDictLayer(CompressedLayer):
         k, v = self._take_sinks(self._map_keys(key_states), value_states)
         self.buf_k = torch.cat([self.buf_k, k], dim=2)
         self.buf_v = torch.cat([self.buf_v, v], dim=2)
+        if self.protect > 0 and not self._chosen:
+            # the prompt waits in the buffer until every layer has scored it (the prefill's
+            # attention runs after this update): the next attend encodes it
+            return key_states, value_states
         n_buf = self.buf_k.shape[2]
         if n_buf >= self.buffer + self.flush or (not self.last_had_past and n_buf > self.buffer):
-            n_out = n_buf - self.buffer
-            self._append_codes(self.buf_k[:, :, :n_out], self.buf_v[:, :, :n_out])
-            self.buf_k = self.buf_k[:, :, n_out:].clone()
-            self.buf_v = self.buf_v[:, :, n_out:].clone()
+            self._flush(n_buf - self.buffer)
         return key_states, value_states
+
+    def _flush(self, n: int) -> None:
+        """Encode the oldest ``n`` buffered tokens."""
+        self._append_codes(self.buf_k[:, :, :n], self.buf_v[:, :, :n])
+        self.buf_k = self.buf_k[:, :, n:].clone()
+        self.buf_v = self.buf_v[:, :, n:].clone()
+
+    def _flush_prompt(self, allowed) -> None:
+        """First attend after a prefill with ``protect``: encode what the prefill would have
+        encoded without it, keeping its best-scored tokens exact, then flush as usual.
+        ``allowed`` ``(B, Q, seen)``."""
+        q_len = allowed.shape[1]
+        n = self.buf_k.shape[2] - q_len - self.buffer
+        if n > 0:
+            start = self.sink_k.shape[2] + self.n_comp
+            # the last query of the step sees every older unpadded token: its row is the padding
+            valid = allowed[:, -1, start : start + n]
+            self._protect(self.buf_k[:, :, :n], self.buf_v[:, :, :n], valid)
+            self._flush(n)
+        self._chosen = True  # also when nothing was protected: a short prompt, or no scores
+        n_buf = self.buf_k.shape[2]
+        if n_buf >= self.buffer + self.flush:
+            self._flush(n_buf - self.buffer)
 
     def attend(self, query, attention_mask, scaling, softcap=None):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
@@ -169,12 +224,19 @@ class KVDictLayer(CompressedLayer):
         ``softcap``: attention logit softcapping (Gemma2). Returns ``(B, Q, H, d)``.
         """
         b, _, q_len, _ = query.shape
-        n_s, n_c = self.sink_k.shape[2], self.n_comp
         m = self._valid_mask(attention_mask, q_len, b, query.device)
+        if self.protect > 0 and not self._chosen:
+            self._flush_prompt(m)
+        n_s, n_c = self.sink_k.shape[2], self.n_comp
         comp_mask = m[:, :, n_s : n_s + n_c]
-        exact_mask = torch.cat([m[:, :, :n_s], m[:, :, n_s + n_c :]], dim=-1)
-        k_exact = torch.cat([self.sink_k, self.buf_k], dim=2)
-        v_exact = torch.cat([self.sink_v, self.buf_v], dim=2)
+        exact_mask = torch.cat([m[:, :, :n_s], self._kept_mask(m), m[:, :, n_s + n_c :]], dim=-1)
+        k_exact = torch.cat([self.sink_k, self.kept_k, self.buf_k], dim=2)
+        v_exact = torch.cat([self.sink_v, self.kept_v, self.buf_v], dim=2)
+        if self.kept_pos.shape[1]:  # a protected token is read exactly, not from its code
+            slot = torch.where(self.kept_pos >= 0, self.kept_pos - n_s, n_c)
+            coded = torch.ones(b, n_c + 1, dtype=torch.bool, device=m.device)
+            coded.scatter_(1, slot, False)
+            comp_mask = comp_mask & coded[:, None, :n_c]
         if q_len == 1:
             comp_mask, exact_mask = comp_mask[:, 0], exact_mask[:, 0]
         out = kvdict_attention(
@@ -195,7 +257,10 @@ class KVDictLayer(CompressedLayer):
         return out.transpose(1, 2).contiguous()
 
     def _tensors(self):
-        return ("sink_k", "sink_v", "buf_k", "buf_v", "k_idx", "v_idx", "k_coef", "v_coef")
+        return (
+            "sink_k", "sink_v", "kept_k", "kept_v", "kept_pos", "buf_k", "buf_v",
+            "k_idx", "v_idx", "k_coef", "v_coef",
+        )  # fmt: skip
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens (negative count, as transformers passes), buffer first."""
@@ -214,6 +279,9 @@ class KVDictLayer(CompressedLayer):
         take = min(n, self.n_comp)
         self.n_comp -= take
         n -= take
+        if take:  # protected tokens among the dropped codes go with them
+            end = self.sink_k.shape[2] + self.n_comp
+            self.kept_pos = torch.where(self.kept_pos < end, self.kept_pos, -1)
         if n:
             keep = self.sink_k.shape[2] - n
             self.sink_k, self.sink_v = self.sink_k[:, :, :keep], self.sink_v[:, :, :keep]
@@ -221,6 +289,8 @@ class KVDictLayer(CompressedLayer):
     def reset(self) -> None:
         self.is_initialized = False
         self.n_comp = self.seen = 0
+        if self.scores is not None:
+            self.scores.total = None
 
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
@@ -234,6 +304,8 @@ def buffer_names(block: dict) -> tuple[str, ...]:
     return (*BUFFERS, KEY_MAP) if block.get("key_map") else BUFFERS
 
 
+# Protected-token settings a block may carry (absent: the layer's defaults, no protection).
+OPTIONAL_KEYS = ("protect", "protect_window", "protect_pool")
 SUPPORTS_SOFTCAP = True  # attend() applies attention logit softcapping (Gemma2)
 
 
@@ -254,6 +326,9 @@ def validate(block: dict, num_layers: int) -> None:
     _positive_int(block.get("sinks"), "sinks", 0)
     _positive_int(block.get("buffer"), "buffer")
     _positive_int(block.get("flush"), "flush")
+    for key, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
+        if key in block:
+            _positive_int(block[key], key, lo)
     if not isinstance(block.get("key_map", False), bool):
         raise ValueError(
             f"config.kvsurgery.key_map must be true or false, got {block['key_map']!r}."
@@ -326,4 +401,10 @@ def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
         coef_dtype=block.get("coef_dtype", "float8_e4m3fn"),
         kmap=mod._kvs_kmap,
         qmap=mod._kvs_qmap,
+        **{k: block[k] for k in OPTIONAL_KEYS if k in block},
     )
+
+
+def link_layers(layers: list) -> None:
+    """Give the KV-Dict layers of one cache that protect tokens a shared prompt score."""
+    link_prompt_scores(layers)

@@ -1,6 +1,15 @@
 """What every compressed cache layer shares: sequence bookkeeping, measured bytes, batch
-moves. Subclasses name their state tensors in ``_tensors()`` and keep ``self.seen`` (tokens
-cached, in position order, so mask column j is token j). Copied flat into exports."""
+moves, and protected tokens. Subclasses name their state tensors in ``_tensors()`` and keep
+``self.seen`` (tokens cached, in position order, so mask column j is token j). Copied flat
+into exports.
+
+Protected tokens (beyond the papers; SubGen and KV-Dict use them): at a dense prefill every
+layer ``observe``s the attention of the prompt's last ``protect_window`` queries (SnapKV's
+observation window) into :class:`PromptScores` shared by the layers of one cache
+(:func:`link_prompt_scores`); when the prompt is compressed, the ``protect`` best-scored
+tokens of each sequence are kept exact, in every kv head. A question at the end of the
+prompt thereby keeps the passage it asks about. The choice is made once per sequence.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,9 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = True
     is_compileable = False
     supports_early_init = False
+    protect = 0  # layers that protect tokens set these (see the module doc)
+    scores = None
+    _chosen = False
 
     def _tensors(self) -> tuple[str, ...]:
         raise NotImplementedError
@@ -70,3 +82,82 @@ class CompressedLayer(CacheLayerMixin):
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
         return attention_mask[:, 0, :, -self.seen :].expand(batch, q_len, self.seen)
+
+    # -- protected tokens (layers with ``protect``, ``protect_window``, ``protect_pool``,
+    # ``scores``, ``_chosen`` and ``sink_k``) ---------------------------------------------
+    def observe(self, query, key, attention_mask, scaling) -> None:
+        """Dense prefill (no past): add this layer's attention from the last
+        ``protect_window`` queries to each cached position into the shared prompt scores."""
+        if self.protect == 0 or self.scores is None or self._chosen:
+            return
+        B, H, q_len, d = query.shape
+        hk = key.shape[1]
+        o = min(self.protect_window, q_len)
+        allowed = self._valid_mask(attention_mask, q_len, B, query.device)[:, -o:]
+        g = H // hk
+        q = query[:, :, -o:].float().reshape(B, hk, g * o, d)  # query heads of a kv head
+        logits = (q @ key.float().transpose(-1, -2)) * scaling  # (B, hk, g o, seen)
+        mask = allowed[:, None].expand(B, g, o, -1).reshape(B, 1, g * o, -1)
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        per_head = probs.sum(2)  # (B, hk, seen)
+        # the sinks (always exact) soak up much of it, unevenly across layers: leave them
+        # out before normalising, so that every layer's ranking of the rest counts the same
+        per_head[..., : self.sink_k.shape[2]] = 0.0
+        per_head = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-30)
+        self.scores.add(per_head.mean(1), self.protect_pool)
+
+    def _pick_protected(self, start: int, valid: torch.Tensor):
+        """Choose the tokens to keep exact among positions ``start .. start + n`` (once per
+        sequence, from the prompt scores). ``valid`` ``(B, n)`` bool: padding is never
+        picked. Returns ``(top (B, p) offsets in position order, picked (B, p) bool)``, or
+        None when nothing is to be protected. A row with fewer scored tokens than ``p``
+        leaves its spare slots unpicked."""
+        scores = None if self.scores is None else self.scores.total
+        if self.protect == 0 or self._chosen or scores is None:
+            return None
+        self._chosen = True
+        B, n = valid.shape
+        sc = torch.full((B, n), float("-inf"), device=valid.device)
+        m = max(0, min(n, scores.shape[1] - start))  # positions the prefill scored
+        sc[:, :m] = scores[:, start : start + m].to(sc.device)
+        sc = torch.where(valid, sc, float("-inf"))
+        p = min(self.protect, n)
+        top = sc.topk(p, dim=1).indices.sort(dim=1).values  # (B, p), in position order
+        return top, sc.gather(1, top) > float("-inf")
+
+    def _kept_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """``(B, Q, P)`` mask of the protected tokens: their positions' columns of the
+        ``(B, Q, seen)`` mask ``allowed``; slots marked -1 in ``kept_pos`` are masked."""
+        q_len = allowed.shape[1]
+        pos = self.kept_pos.clamp_min(0)[:, None, :].expand(-1, q_len, -1)
+        return allowed.gather(2, pos) & (self.kept_pos >= 0)[:, None, :]
+
+
+class PromptScores:
+    """Attention paid to each prompt position by the prompt's last queries: per layer
+    normalised to 1 per sequence (sinks left out) and max-pooled over neighbouring
+    positions, so that a protected token keeps its context (the words around a fact are
+    what a later query matches); over the layers of one cache, the maximum. The maximum,
+    not the sum: only some layers look back at the passage a question asks about, and
+    their peaks are lost in a sum over the diffuse rest (SmolLM2, needle at 2k)."""
+
+    def __init__(self):
+        self.total = None  # (B, seen) float32, or None before a prefill
+
+    def add(self, scores: torch.Tensor, pool: int) -> None:
+        if pool > 1:
+            scores = torch.nn.functional.max_pool1d(
+                scores[:, None], pool, stride=1, padding=pool // 2, ceil_mode=False
+            )[:, 0, : scores.shape[1]]
+        if self.total is None or self.total.shape != scores.shape:
+            self.total = scores.clone()
+        else:
+            torch.maximum(self.total, scores, out=self.total)
+
+
+def link_prompt_scores(layers: list) -> None:
+    """Give the layers of one cache that protect tokens a shared :class:`PromptScores`."""
+    scores = PromptScores()
+    for layer in layers:
+        if getattr(layer, "protect", 0):
+            layer.scores = scores

@@ -24,13 +24,9 @@ mask is token ``j`` of the layer for every batch row. Regions of one batch row::
   a multi-query step (chunked prefill, teacher forcing) is older than every streamed
   token: the estimate is correct for each of them, and causality inside the step is the
   mask's business on the exact part.
-* Protected tokens (beyond the paper): at a dense prefill every layer ``observe``s the
-  attention of the prompt's last ``protect_window`` queries (SnapKV's observation window);
-  the layers of one cache keep each position's highest score (:class:`PromptScores`),
-  max-pooled over ``protect_pool`` neighbouring positions, and the first stream
-  after the prefill keeps the ``protect`` best-scored streamed tokens of each sequence
-  exact, in every kv head, rather than merging them. A question at the end of the prompt
-  thereby keeps the passage it asks about. The choice is made once per sequence.
+* Protected tokens (beyond the paper; see ``kvs_layer.py``): the first stream after the
+  prefill keeps the ``protect`` best-scored streamed tokens of each sequence exact, in
+  every kv head, rather than merging them.
 """
 
 from __future__ import annotations
@@ -45,7 +41,7 @@ from ..kernels.subgen import (
     merge_append,
     new_state,
 )
-from .kvs_layer import CompressedLayer
+from .kvs_layer import CompressedLayer, PromptScores, link_prompt_scores
 
 # Cluster storage grows (and is trimmed back) by blocks of this many clusters: one
 # reallocation per block keeps appends amortised O(1).
@@ -253,49 +249,19 @@ class SubGenLayer(CompressedLayer):
     def _protect(self, n: int, valid: torch.Tensor) -> torch.Tensor:
         """Keep the best-scored of the ``n`` tokens about to be streamed exact (once per
         sequence, from the prompt scores); returns ``(B, n)`` bool, True = kept."""
-        B = valid.shape[0]
         kept = torch.zeros_like(valid)
-        scores = None if self.scores is None else self.scores.total
-        if self.protect == 0 or self._chosen or scores is None:
-            return kept
-        self._chosen = True
         start = self.sink_k.shape[2] + self.n_comp
-        sc = torch.full((B, n), float("-inf"), device=valid.device)
-        m = max(0, min(n, scores.shape[1] - start))  # positions the prefill scored
-        sc[:, :m] = scores[:, start : start + m].to(sc.device)
-        sc = torch.where(valid, sc, float("-inf"))
-        p = min(self.protect, n)
-        top = sc.topk(p, dim=1).indices.sort(dim=1).values  # (B, p), in position order
-        picked = sc.gather(1, top) > float("-inf")
+        choice = self._pick_protected(start, valid)
+        if choice is None:
+            return kept
+        top, picked = choice
         kept.scatter_(1, top, picked)
-        idx = top[:, None, :, None].expand(B, self.win_k.shape[1], p, self.win_k.shape[3])
+        B, H, _, d = self.win_k.shape
+        idx = top[:, None, :, None].expand(B, H, top.shape[1], d)
         self.kept_k = self.win_k.gather(2, idx)
         self.kept_v = self.win_v.gather(2, idx)
-        # a row with fewer scored tokens than p points its spare slots at a padded (masked)
-        # position: -1 marks them, and the attention mask hides them
         self.kept_pos = torch.where(picked, top + start, -1)
         return kept
-
-    def observe(self, query, key, attention_mask, scaling) -> None:
-        """Dense prefill (no past): add this layer's attention from the last
-        ``protect_window`` queries to each cached position into the shared prompt scores."""
-        if self.protect == 0 or self.scores is None or self.n_comp > 0 or self._chosen:
-            return
-        B, H, q_len, d = query.shape
-        hk = key.shape[1]
-        o = min(self.protect_window, q_len)
-        allowed = self._valid_mask(attention_mask, q_len, B, query.device)[:, -o:]
-        g = H // hk
-        q = query[:, :, -o:].float().reshape(B, hk, g * o, d)  # query heads of a kv head
-        logits = (q @ key.float().transpose(-1, -2)) * scaling  # (B, hk, g o, seen)
-        mask = allowed[:, None].expand(B, g, o, -1).reshape(B, 1, g * o, -1)
-        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-        per_head = probs.sum(2)  # (B, hk, seen)
-        # the sinks (always exact) soak up much of it, unevenly across layers: leave them
-        # out before normalising, so that every layer's ranking of the rest counts the same
-        per_head[..., : self.sink_k.shape[2]] = 0.0
-        per_head = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-30)
-        self.scores.add(per_head.mean(1), self.protect_pool)
 
     def attend(self, query, attention_mask, scaling):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
@@ -313,8 +279,7 @@ class SubGenLayer(CompressedLayer):
             # the last query sees every older unpadded token: its row is the padding mask
             self._stream(limit - start, allowed[:, -1, start:limit])
             start = limit
-        pos = self.kept_pos.clamp_min(0)[:, None, :].expand(-1, q_len, -1)
-        kept_ok = allowed.gather(2, pos) & (self.kept_pos >= 0)[:, None, :]
+        kept_ok = self._kept_mask(allowed)
         mask = torch.cat([allowed[:, :, :n_s], kept_ok, allowed[:, :, start:]], dim=-1)
         out = estimate_attention(
             query,
@@ -363,34 +328,9 @@ class SubGenLayer(CompressedLayer):
             self.scores.total = None
 
 
-class PromptScores:
-    """Attention paid to each prompt position by the prompt's last queries: per layer
-    normalised to 1 per sequence (sinks left out) and max-pooled over neighbouring
-    positions, so that a protected token keeps its context (the words around a fact are
-    what a later query matches); over the layers of one cache, the maximum. The maximum,
-    not the sum: only some layers look back at the passage a question asks about, and
-    their peaks are lost in a sum over the diffuse rest (SmolLM2, needle at 2k)."""
-
-    def __init__(self):
-        self.total = None  # (B, seen) float32, or None before a prefill
-
-    def add(self, scores: torch.Tensor, pool: int) -> None:
-        if pool > 1:
-            scores = torch.nn.functional.max_pool1d(
-                scores[:, None], pool, stride=1, padding=pool // 2, ceil_mode=False
-            )[:, 0, : scores.shape[1]]
-        if self.total is None or self.total.shape != scores.shape:
-            self.total = scores.clone()
-        else:
-            torch.maximum(self.total, scores, out=self.total)
-
-
 def link_layers(layers: list) -> None:
-    """Give the SubGen layers of one cache a shared :class:`PromptScores`."""
-    scores = PromptScores()
-    for layer in layers:
-        if isinstance(layer, SubGenLayer):
-            layer.scores = scores
+    """Give the SubGen layers of one cache that protect tokens a shared prompt score."""
+    link_prompt_scores(layers)
 
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
