@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvsurgery.runtime.kvs_attention import ATTN_NAME, install, install_kvdict
 from kvsurgery.runtime.kvs_cache import CODE_BLOCK, KVDictLayer
+from kvsurgery.runtime.kvs_layer import link_prompt_scores
 from kvsurgery.runtime.kvs_methods import build_cache
 
 HD = 16
@@ -329,7 +330,7 @@ def test_protected_tokens_are_where_the_last_prompt_queries_look():
                     protect=5, protect_window=8, protect_pool=3)
         for _ in range(2)
     ]  # fmt: skip
-    kvs_cache.link_layers(layers)
+    link_prompt_scores(layers)
     assert layers[0].scores is layers[1].scores
     scale = d**-0.5
     for layer in layers:

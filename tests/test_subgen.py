@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from kvsurgery.kernels import subgen as sg  # noqa: E402
 
 from kvsurgery.runtime import kvs_attention, kvs_subgen  # noqa: E402
+from kvsurgery.runtime.kvs_layer import link_prompt_scores  # noqa: E402
 from kvsurgery.runtime.kvs_methods import KVSurgeryCache  # noqa: E402
 from kvsurgery.runtime.kvs_subgen import SubGenLayer  # noqa: E402
 
@@ -706,7 +707,7 @@ def test_protected_tokens_are_the_ones_the_last_prompt_queries_read():
         )
         for _ in range(2)
     ]
-    kvs_subgen.link_layers(layers)
+    link_prompt_scores(layers)
     assert layers[0].scores is layers[1].scores
     prefill_and_step(layers, k, v, q, mask, d**-0.5)
     for layer in layers:
@@ -745,7 +746,7 @@ def test_protecting_every_streamed_token_is_exact_attention():
     ref = exact_attention_masked(q, k, v, mask, d**-0.5)[:, :, -1:]
     for protect, exact in ((T, True), (3, False)):
         layer = SubGenLayer(estimator="mean", max_clusters=2, sinks=2, window=4, protect=protect)
-        kvs_subgen.link_layers([layer])
+        link_prompt_scores([layer])
         (out,) = prefill_and_step([layer], k, v, q, mask, d**-0.5)
         if exact:
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ def kvsurgery_attention(module, query, key, value, attention_mask, scaling=None,
     if getattr(layer, "last_had_past", False) and hasattr(layer, "attend"):
         extra = {"softcap": softcap} if softcap else {}  # only layers that support it get it
         return layer.attend(query, attention_mask, scale, **extra), None
-    if getattr(layer, "observe", None) is not None:  # e.g. SubGen's protected tokens
+    if getattr(layer, "observe", None) is not None:  # layers that protect prompt tokens score them
         layer.observe(query, key, attention_mask, scale)
     if softcap:  # SDPA cannot softcap logits (Gemma2): plain attention instead
         return _dense_softcap(query, key, value, attention_mask, scaling, softcap), None

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels.kvdict_attention import kvdict_attention
 from ..kernels.omp import omp
-from .kvs_layer import CompressedLayer, link_prompt_scores
+from .kvs_layer import CompressedLayer
 
 # Codes are stored in blocks of this many tokens: one reallocation per block keeps appends
 # amortised O(1) while the allocated bytes stay within one block of what the format promises.
@@ -73,12 +73,7 @@ class KVDictLayer(CompressedLayer):
         self.kmap, self.qmap = kmap, qmap  # fp32 W and W⁻ᵀ, (H_kv, d[, d]), or both None
         self.s_k, self.s_v = int(s_k), int(s_v)
         self.sinks, self.buffer, self.flush = int(sinks), int(buffer), int(flush)
-        self.protect, self.protect_window = int(protect), int(protect_window)
-        self.protect_pool = int(protect_pool)
-        for name, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"KVDictLayer {name} must be >= {lo}, got {getattr(self, name)}")
-        self.scores = None  # PromptScores shared by a cache's layers (link_layers)
+        self._set_protect(protect, protect_window, protect_pool)
         self.omp_tol = omp_tol
         self.coef_dtype = _COEF_DTYPES[coef_dtype]
         self.n_comp = 0
@@ -162,19 +157,6 @@ class KVDictLayer(CompressedLayer):
         self.v_idx[:, :, sl], self.v_coef[:, :, sl] = vi, vc
         self.n_comp += t
 
-    def _protect(self, k, v, valid) -> None:
-        """Keep the best-scored of the tokens ``k, v`` about to be encoded exact as well
-        (once per sequence); ``valid`` ``(B, n)``: the tokens that are not padding."""
-        start = self.sink_k.shape[2] + self.n_comp
-        choice = self._pick_protected(start, valid)
-        if choice is None:
-            return
-        top, picked = choice
-        B, H, _, d = k.shape
-        idx = top[:, None, :, None].expand(B, H, top.shape[1], d)
-        self.kept_k, self.kept_v = k.gather(2, idx), v.gather(2, idx)
-        self.kept_pos = torch.where(picked, top + start, -1)
-
     # -- cache verbs ------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
         """Store new tokens ``(B, H_kv, T, d)``; returns them unchanged (prefill attention is dense)."""
@@ -210,7 +192,7 @@ class KVDictLayer(CompressedLayer):
             start = self.sink_k.shape[2] + self.n_comp
             # the last query of the step sees every older unpadded token: its row is the padding
             valid = allowed[:, -1, start : start + n]
-            self._protect(self.buf_k[:, :, :n], self.buf_v[:, :, :n], valid)
+            self._keep_protected(self.buf_k[:, :, :n], self.buf_v[:, :, :n], valid)
             self._flush(n)
         self._chosen = True  # also when nothing was protected: a short prompt, or no scores
         n_buf = self.buf_k.shape[2]
@@ -403,8 +385,3 @@ def make_layer(mod, spec: dict, block: dict) -> KVDictLayer:
         qmap=mod._kvs_qmap,
         **{k: block[k] for k in OPTIONAL_KEYS if k in block},
     )
-
-
-def link_layers(layers: list) -> None:
-    """Give the KV-Dict layers of one cache that protect tokens a shared prompt score."""
-    link_prompt_scores(layers)

@@ -22,8 +22,8 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = True
     is_compileable = False
     supports_early_init = False
-    protect = 0  # layers that protect tokens set these (see the module doc)
-    scores = None
+    protect = 0  # set by _set_protect in layers that protect tokens (see the module doc)
+    scores = None  # the cache's PromptScores, given by link_prompt_scores
     _chosen = False
 
     def _tensors(self) -> tuple[str, ...]:
@@ -83,8 +83,16 @@ class CompressedLayer(CacheLayerMixin):
             attention_mask = attention_mask > -1  # additive masks: 0 = attend, -inf = masked
         return attention_mask[:, 0, :, -self.seen :].expand(batch, q_len, self.seen)
 
-    # -- protected tokens (layers with ``protect``, ``protect_window``, ``protect_pool``,
-    # ``scores``, ``_chosen`` and ``sink_k``) ---------------------------------------------
+    # -- protected tokens (layers that protect set them up with ``_set_protect`` and keep
+    # ``sink_k``, ``n_comp``, ``kept_k/kept_v/kept_pos``) ---------------------------------
+    def _set_protect(self, protect: int, window: int, pool: int) -> None:
+        self.protect, self.protect_window, self.protect_pool = int(protect), int(window), int(pool)
+        for name, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(
+                    f"{type(self).__name__} {name} must be >= {lo}, got {getattr(self, name)}"
+                )
+
     def observe(self, query, key, attention_mask, scaling) -> None:
         """Dense prefill (no past): add this layer's attention from the last
         ``protect_window`` queries to each cached position into the shared prompt scores."""
@@ -106,24 +114,30 @@ class CompressedLayer(CacheLayerMixin):
         per_head = per_head / per_head.sum(-1, keepdim=True).clamp_min(1e-30)
         self.scores.add(per_head.mean(1), self.protect_pool)
 
-    def _pick_protected(self, start: int, valid: torch.Tensor):
-        """Choose the tokens to keep exact among positions ``start .. start + n`` (once per
-        sequence, from the prompt scores). ``valid`` ``(B, n)`` bool: padding is never
-        picked. Returns ``(top (B, p) offsets in position order, picked (B, p) bool)``, or
-        None when nothing is to be protected. A row with fewer scored tokens than ``p``
-        leaves its spare slots unpicked."""
+    def _keep_protected(self, k, v, valid):
+        """Keep the best-scored of the tokens ``k, v`` ``(B, H, n, d)`` that are about to be
+        compressed (they follow the sinks and the ``n_comp`` compressed positions) exact in
+        ``kept_k/kept_v``, their positions in ``kept_pos`` (-1: a spare slot of a row with
+        fewer scored tokens). Once per sequence, from the prompt scores. ``valid`` ``(B, n)``
+        bool: padding is never kept. Returns ``(top (B, p) offsets in position order,
+        picked (B, p) bool)``, or None when nothing is to be protected."""
         scores = None if self.scores is None else self.scores.total
         if self.protect == 0 or self._chosen or scores is None:
             return None
         self._chosen = True
         B, n = valid.shape
+        start = self.sink_k.shape[2] + self.n_comp
         sc = torch.full((B, n), float("-inf"), device=valid.device)
         m = max(0, min(n, scores.shape[1] - start))  # positions the prefill scored
         sc[:, :m] = scores[:, start : start + m].to(sc.device)
         sc = torch.where(valid, sc, float("-inf"))
         p = min(self.protect, n)
         top = sc.topk(p, dim=1).indices.sort(dim=1).values  # (B, p), in position order
-        return top, sc.gather(1, top) > float("-inf")
+        picked = sc.gather(1, top) > float("-inf")
+        idx = top[:, None, :, None].expand(B, k.shape[1], p, k.shape[3])
+        self.kept_k, self.kept_v = k.gather(2, idx), v.gather(2, idx)
+        self.kept_pos = torch.where(picked, top + start, -1)
+        return top, picked
 
     def _kept_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """``(B, Q, P)`` mask of the protected tokens: their positions' columns of the

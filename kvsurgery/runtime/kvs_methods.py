@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from . import kvs_cache, kvs_clusterkv, kvs_subgen
+from .kvs_layer import link_prompt_scores
 
 METHODS = {"kvdict": kvs_cache, "clusterkv": kvs_clusterkv, "subgen": kvs_subgen}
 
@@ -84,9 +85,7 @@ def build_cache(model) -> KVSurgeryCache:
             layers.append(DynamicLayer())
         else:
             layers.append(runtime.make_layer(state["modules"][i], spec, state))
-    link = getattr(runtime, "link_layers", None)  # layers that share state across the cache
-    if link is not None:
-        link(layers)
+    link_prompt_scores(layers)  # layers that protect tokens share the prompt's scores
     return KVSurgeryCache(layers)
 
 

@@ -41,7 +41,7 @@ from ..kernels.subgen import (
     merge_append,
     new_state,
 )
-from .kvs_layer import CompressedLayer, PromptScores, link_prompt_scores
+from .kvs_layer import CompressedLayer
 
 # Cluster storage grows (and is trimmed back) by blocks of this many clusters: one
 # reallocation per block keeps appends amortised O(1).
@@ -129,19 +129,14 @@ class SubGenLayer(CompressedLayer):
         self.delta_rel = delta_rel
         self.t, self.s = int(t), int(s)
         self.sinks, self.window, self.seed = int(sinks), int(window), int(seed)
-        self.protect, self.protect_window = int(protect), int(protect_window)
-        self.protect_pool = int(protect_pool)
+        self._set_protect(protect, protect_window, protect_pool)
         s_min = 0 if estimator == "mean" else 1
-        for name, lo in (
-            ("t", 1), ("s", s_min), ("sinks", 0), ("window", 1), ("seed", 0),
-            ("protect", 0), ("protect_window", 1), ("protect_pool", 1),
-        ):  # fmt: skip
+        for name, lo in (("t", 1), ("s", s_min), ("sinks", 0), ("window", 1), ("seed", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"SubGenLayer {name} must be >= {lo}, got {getattr(self, name)}")
         if max_clusters is not None and (isinstance(max_clusters, bool) or max_clusters < 1):
             raise ValueError(f"SubGenLayer max_clusters must be >= 1, got {max_clusters!r}")
         self.max_clusters = None if max_clusters is None else int(max_clusters)
-        self.scores: PromptScores | None = None  # shared by a cache's layers (link_layers)
         self.seen = 0
         self.n_comp = 0  # positions streamed (padding included)
         self.last_had_past = False
@@ -250,17 +245,9 @@ class SubGenLayer(CompressedLayer):
         """Keep the best-scored of the ``n`` tokens about to be streamed exact (once per
         sequence, from the prompt scores); returns ``(B, n)`` bool, True = kept."""
         kept = torch.zeros_like(valid)
-        start = self.sink_k.shape[2] + self.n_comp
-        choice = self._pick_protected(start, valid)
-        if choice is None:
-            return kept
-        top, picked = choice
-        kept.scatter_(1, top, picked)
-        B, H, _, d = self.win_k.shape
-        idx = top[:, None, :, None].expand(B, H, top.shape[1], d)
-        self.kept_k = self.win_k.gather(2, idx)
-        self.kept_v = self.win_v.gather(2, idx)
-        self.kept_pos = torch.where(picked, top + start, -1)
+        choice = self._keep_protected(self.win_k[:, :, :n], self.win_v[:, :, :n], valid)
+        if choice is not None:
+            kept.scatter_(1, *choice)
         return kept
 
     def attend(self, query, attention_mask, scaling):
@@ -326,11 +313,6 @@ class SubGenLayer(CompressedLayer):
         self.seen = self.n_comp = 0
         if self.scores is not None:
             self.scores.total = None
-
-
-def link_layers(layers: list) -> None:
-    """Give the SubGen layers of one cache that protect tokens a shared prompt score."""
-    link_prompt_scores(layers)
 
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
