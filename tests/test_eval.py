@@ -527,3 +527,19 @@ def test_question_in_prompt_prefills_the_question(tiny_llama_dir, tmp_path, monk
         res["cells"][0]["metrics"]["examples"][0]["prediction"]
         == (first["cells"][0]["metrics"]["examples"][0]["prediction"])
     )
+
+
+def test_half_precision_perplexity_is_flagged_as_noisy(full_run):
+    """Perplexity in bf16/fp16 moves by ~1% with the order of equivalent sums: the table
+    says so (and points at float32) there, and only there."""
+    res, _ = full_run
+    assert res["dtype"] == "torch.float32"
+    assert "rounding noise" not in ev.results_markdown(res)
+    half = {**res, "dtype": "torch.bfloat16"}
+    assert "Perplexity in bfloat16 carries rounding noise" in ev.results_markdown(half)
+    assert "--dtype float32" in ev.results_markdown(half)
+    no_ppl = {
+        **half,
+        "table": [{k: v for k, v in r.items() if k != "perplexity"} for r in res["table"]],
+    }
+    assert "rounding noise" not in ev.results_markdown(no_ppl)
