@@ -14,6 +14,10 @@ script puts the exact vectors back:
                             tolerates (1 = as shipped, 0 = exact)
     --key-sign-residual     add the key residual quantized to one bit per channel with one
                             scale per token (mean |residual|): what ~d/8 more bytes would buy
+    --mass oracle           rescale, per query, the softmax mass of the compressed tokens to
+                            what their exact keys give (an upper bound for any mass correction)
+    --logit-shift -0.3      add this constant to every compressed token's logit (a practical
+                            mass correction: noisy logits inflate the sum of their exponentials)
 
 Everything after ``--`` goes to ``kvsurgery eval`` (its bytes/token column counts the
 codes, not the diagnostic copies). Example (SmolLM2, needle at 4k)::
@@ -44,12 +48,36 @@ def _layer_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--layers takes A-B or A, got {text!r}") from None
 
 
+def _biased_attention(q, k, v, exact_k, start, n, scale, mask, oracle, shift):
+    """fp32 GQA attention whose compressed columns ``start:start+n`` get a logit bias."""
+    B, H, Q, d = q.shape
+    H_kv, L = k.shape[1], k.shape[2]
+    g = H // H_kv
+    qg = q.float().reshape(B, H_kv, g * Q, d)
+    s = ((qg @ k.transpose(-1, -2)) * scale).view(B, H_kv, g, Q, L)
+    m = mask if mask is None or mask.dim() == 3 else mask[:, None, :].expand(B, Q, L)
+    if m is not None:
+        s = s.masked_fill(~m[:, None, None], float("-inf"))
+    comp = s[..., start : start + n]
+    if oracle:
+        se = ((qg @ exact_k.transpose(-1, -2)) * scale).view(B, H_kv, g, Q, n)
+        if m is not None:
+            se = se.masked_fill(~m[:, None, None, :, start : start + n], float("-inf"))
+        bias = (se.logsumexp(-1, keepdim=True) - comp.logsumexp(-1, keepdim=True)).nan_to_num(0.0)
+        comp = comp + bias
+    s = torch.cat([s[..., :start], comp + shift, s[..., start + n :]], -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p.view(B, H_kv, g * Q, L) @ v).view(B, H, Q, d)
+
+
 def install(
     exact: str | None,
     layers: tuple[int, int] | None,
     top: float,
     blend: float = 1.0,
     sign_residual: bool = False,
+    mass: str | None = None,
+    shift: float = 0.0,
 ) -> None:
     """Patch :class:`kvs_cache.KVDictLayer` in this process (see the module doc)."""
     append_codes, make_layer = kvs_cache.KVDictLayer._append_codes, kvs_cache.make_layer
@@ -94,7 +122,22 @@ def install(
             k_c = torch.where(worst[..., None], exact_k, k_c)
         k = torch.cat([self.sink_k.float(), k_c, self.buf_k.float()], 2)
         v = torch.cat([self.sink_v.float(), v_c, self.buf_v.float()], 2)
-        out = dense_attention_fp32(self._map_query(query), k, v, scaling, mask)
+        q = self._map_query(query)
+        if n and self._diag_on and (mass or shift):
+            out = _biased_attention(
+                q,
+                k,
+                v,
+                exact_k,
+                self.sink_k.shape[2],
+                n,
+                scaling,
+                mask,
+                oracle=mass == "oracle",
+                shift=shift,
+            )
+        else:
+            out = dense_attention_fp32(q, k, v, scaling, mask)
         return out.to(query.dtype).transpose(1, 2).contiguous()
 
     def tagged_make_layer(mod, spec, block):
@@ -121,12 +164,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-residual", type=float, default=0.0)
     ap.add_argument("--key-blend", type=float, default=1.0)
     ap.add_argument("--key-sign-residual", action="store_true")
+    ap.add_argument("--mass", choices=("oracle",))
+    ap.add_argument("--logit-shift", type=float, default=0.0)
     args = ap.parse_args(ours)
     if not 0.0 <= args.top_residual < 1.0:
         ap.error("--top-residual must be in [0, 1)")
     if not rest:
         ap.error("give the kvsurgery eval arguments after --")
-    install(args.exact, args.layers, args.top_residual, args.key_blend, args.key_sign_residual)
+    install(
+        args.exact,
+        args.layers,
+        args.top_residual,
+        args.key_blend,
+        args.key_sign_residual,
+        args.mass,
+        args.logit_shift,
+    )
     sys.argv = ["kvsurgery", "eval", *rest]
     kvsurgery_main()
 
