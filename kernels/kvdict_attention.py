@@ -152,7 +152,6 @@ def kvdict_attention_ref(
     exact_mask: torch.Tensor | None = None,
     upcast: bool = True,
     softcap: float | None = None,
-    comp_bias: float = 0.0,
 ) -> torch.Tensor:
     """Reference KV-Dict attention for any number of queries.
 
@@ -169,9 +168,6 @@ def kvdict_attention_ref(
         upcast: compute in fp32 (else in q's dtype).
         softcap: attention logit softcapping (Gemma2): scores become
             ``softcap * tanh(scores / softcap)`` before the softmax.
-        comp_bias: added to every compressed token's logit (after any softcap): with a
-            negative value the coded tokens, whose scores carry code error, weigh less
-            against the exact ones.
 
     Returns:
         ``(B, H, Q, d)`` in q's dtype; rows with every token masked are zeros.
@@ -208,7 +204,6 @@ def kvdict_attention_ref(
     se = (qg @ k_exact.to(cdt).transpose(-1, -2)) * scale  # (B, H_kv, R, E)
     if softcap:
         sc, se = softcap * torch.tanh(sc / softcap), softcap * torch.tanh(se / softcap)
-    sc = sc + comp_bias
 
     neg = float("-inf")
     if cmask is not None:
@@ -328,7 +323,6 @@ if _HAS_TRITON:
         n_stat,
         esplit_len,
         scale_log2e,
-        comp_bias_log2e,
         S_K: tl.constexpr,  # code length, also the token stride of the codes: fixed per model,
         # and a constexpr stride lets the compiler prove alignment and vectorise code loads
         S_K_P: tl.constexpr,  # next pow2 of S_K: tile shapes must be constexpr pow2
@@ -398,7 +392,7 @@ if _HAS_TRITON:
                 uv = tl.load(
                     u_ptr + (idx[:, :, None] * n_bh + pid_bh) * G_P + offs_g[None, None, :]
                 )
-                s = tl.sum(c[:, :, None] * uv, axis=1) * scale_log2e + comp_bias_log2e
+                s = tl.sum(c[:, :, None] * uv, axis=1) * scale_log2e  # (BLOCK_T, G_P)
                 valid = tmask
                 if HAS_CMASK:
                     mk = tl.load(
@@ -736,7 +730,6 @@ def kvdict_decode_triton(
     scale: float,
     comp_mask: torch.Tensor | None = None,
     exact_mask: torch.Tensor | None = None,
-    comp_bias: float = 0.0,
     *,
     block_t: int = 64,
     split_len: int | None = None,
@@ -756,7 +749,6 @@ def kvdict_decode_triton(
         scale: softmax scale.
         comp_mask: ``(B, T)`` (or ``(B, 1, T)``) bool, True = attend; None = all.
         exact_mask: ``(B, E)`` (or ``(B, 1, E)``) bool; None = all.
-        comp_bias: logit offset of the compressed tokens (see the reference).
         block_t: tokens per tile. split_len: compressed tokens per split (None =
             heuristic). esplit_len: exact tokens per exact split.
         num_warps: warps per program of the two T-loop kernels.
@@ -865,7 +857,6 @@ def kvdict_decode_triton(
         n_stat,
         esplit_len,
         scale_log2e,
-        float(comp_bias) * _LOG2E,
         S_K=s_k,
         S_K_P=_next_pow2(s_k),
         G_P=G_P,
@@ -942,25 +933,22 @@ def kvdict_attention(
     comp_mask: torch.Tensor | None = None,
     exact_mask: torch.Tensor | None = None,
     softcap: float | None = None,
-    comp_bias: float = 0.0,
 ) -> torch.Tensor:
     """KV-Dict attention: the Triton decode kernel on CUDA for ``Q == 1``, else the reference
     (also for logit softcapping, which the kernel does not implement yet).
 
-    Shapes and ``comp_bias`` as :func:`kvdict_attention_ref`; masks may be ``(B, Q, X)``
-    or ``(B, X)``. Returns ``(B, H, Q, d)`` in q's dtype.
+    Shapes as :func:`kvdict_attention_ref`; masks may be ``(B, Q, X)`` or ``(B, X)``.
+    Returns ``(B, H, Q, d)`` in q's dtype.
     """
     if softcap:
         return kvdict_attention_ref(
             q, Dk, Dv, k_idx, k_coef, v_idx, v_coef, k_exact, v_exact, scale, comp_mask,
-            exact_mask, softcap=softcap, comp_bias=comp_bias,
+            exact_mask, softcap=softcap,
         )  # fmt: skip
     if _HAS_TRITON and q.is_cuda and q.shape[2] == 1:
         return kvdict_decode_triton(
-            q, Dk, Dv, k_idx, k_coef, v_idx, v_coef, k_exact, v_exact, scale, comp_mask,
-            exact_mask, comp_bias,
-        )  # fmt: skip
+            q, Dk, Dv, k_idx, k_coef, v_idx, v_coef, k_exact, v_exact, scale, comp_mask, exact_mask
+        )
     return kvdict_attention_ref(
-        q, Dk, Dv, k_idx, k_coef, v_idx, v_coef, k_exact, v_exact, scale, comp_mask,
-        exact_mask, comp_bias=comp_bias,
-    )  # fmt: skip
+        q, Dk, Dv, k_idx, k_coef, v_idx, v_coef, k_exact, v_exact, scale, comp_mask, exact_mask
+    )

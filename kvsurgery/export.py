@@ -293,7 +293,6 @@ are also kept exact (a question at the end of the prompt keeps the passage it as
     rows = f"""| mean non-zeros per key / value | {mean_sk:.2f} / {mean_sv:.2f} |
 | exact sinks / recent buffer | {block["sinks"]} / {block["buffer"]} tokens |
 | protected exact prompt tokens | {protect} |
-| logit shift of compressed tokens | {block.get("logit_shift", 0.0):+.2f} |
 | compressed-token bytes vs fp16 | {block["code_bytes_ratio"]:.1%} |"""
     return about, rows
 

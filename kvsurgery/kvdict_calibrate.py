@@ -247,10 +247,8 @@ def runtime_block(entry: dict) -> dict:
     return {
         "layers": layers,
         **{k: settings[k] for k in ("sinks", "buffer", "flush", "omp_tol", "coef_dtype")},
-        # older calibrations have neither setting; a block without them protects nothing
-        # and shifts no logit
+        # older calibrations have no protect setting; a block without it protects nothing
         **({"protect": settings["protect"]} if settings.get("protect") else {}),
-        **({"logit_shift": settings["logit_shift"]} if settings.get("logit_shift") else {}),
         "key_map": _has_key_map(entry),
         "code_bytes_ratio": entry["code_bytes_ratio"],
     }

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,10 +86,6 @@ class KVDictConfig:
     # encoded (a question at the end of the prompt keeps the passage it asks about); they
     # count in the byte target. 0: none.
     protect: int = 0
-    # Added to every compressed token's attention logit at decode (0: the paper's maths).
-    # Code error spreads the coded tokens' scores (a standard deviation of 1-2 logits on
-    # SmolLM2 keys at s_k = 2-5); a negative shift weighs them less against the exact ones.
-    logit_shift: float = 0.0
     omp_tol: float | None = None  # optional early stop of OMP at runtime
     coef_dtype: str = "float8_e4m3fn"  # float16/float32 only for tests of the lossless limit
     dense: bool = False  # keep this layer uncompressed (per-layer override)
@@ -138,11 +133,6 @@ class KVDictConfig:
         _require(self.buffer >= 1, "buffer", f"must be >= 1, got {self.buffer}")
         _require(self.flush >= 1, "flush", f"must be >= 1, got {self.flush}")
         _require(self.protect >= 0, "protect", f"must be >= 0, got {self.protect}")
-        _require(
-            math.isfinite(self.logit_shift),
-            "logit_shift",
-            f"must be a finite number, got {self.logit_shift}",
-        )
         _require(
             self.target_context >= 1, "target_context", f"must be >= 1, got {self.target_context}"
         )

@@ -396,16 +396,14 @@ def test_softcapping_refused_by_methods_without_it(tiny_dirs):
 
 
 def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_dir, tmp_path):
-    """``protect`` is paid for in the byte target, reaches the block and the card (with
-    ``logit_shift``), and the export protects the same tokens (and shifts the same logits)
-    in a fresh process as the toolkit does in-process."""
+    """``protect`` is paid for in the byte target, reaches the block and the card, and the
+    export protects the same tokens in a fresh process as the toolkit does in-process."""
     from kvsurgery.sparsity import compression_ratio
 
     budget = {"target_ratio": 0.5, "target_context": 64, "s_min": 1, "s_max": 8}
     atoms = {}
     for protect in (0, 8):
-        shift = {"logit_shift": -0.5} if protect else {}
-        recipe = recipe_from_dict({**RECIPE, **budget, "protect": protect, **shift})
+        recipe = recipe_from_dict({**RECIPE, **budget, "protect": protect})
         man = calibrate(
             None,
             tmp_path / "cal",
@@ -424,10 +422,8 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
     assert atoms[8] < atoms[0]  # the protected tokens' fp16 bytes come out of the codes
     out = export(tmp_path / "cal", tmp_path / "exp", loaded=load_model(tiny_llama_dir))
     block = json.loads((out / "config.json").read_text())["kvsurgery"]
-    assert block["protect"] == 8 and block["logit_shift"] == -0.5
-    card = (out / "README.md").read_text()
-    assert "| protected exact prompt tokens | 8 |" in card
-    assert "| logit shift of compressed tokens | -0.50 |" in card
+    assert block["protect"] == 8
+    assert "| protected exact prompt tokens | 8 |" in (out / "README.md").read_text()
     prompt = " ".join([PROMPT] * 2)
     res = run_fresh_process(out, prompt, 12)
     model, tok, _ = load_model(tiny_llama_dir)
@@ -439,4 +435,3 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
     assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()
     layer = cache.layers[0]
     assert layer.kept_pos.shape == (1, 8) and (layer.kept_pos >= 2).all()
-    assert layer.logit_shift == -0.5

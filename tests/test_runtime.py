@@ -382,39 +382,3 @@ def test_protected_tokens_count_in_measured_memory(model):
     exact = (4 + 16 + 9) * 2 * 2 * HD * 4 + 16 * 8  # sinks, kept, buffer (fp32) + positions
     codes = 2 * -(-n_c // CODE_BLOCK) * CODE_BLOCK * 2 * 5 * 3
     assert layer.nbytes() == exact + codes
-
-
-# -- logit shift ---------------------------------------------------------------------------
-def test_logit_shift_lowers_only_the_coded_tokens_logits(model):
-    """``logit_shift`` reaches the layer from the block and is added to the logits of the
-    coded tokens only (lossless codes: the truth is dense attention over the exact keys with
-    the shift on the compressed columns); 0 gives plain attention."""
-    from kvsurgery.kernels.kvdict_attention import kvdict_reconstruct
-
-    from kvsurgery.runtime import kvs_cache
-
-    x = ids(1, 40)
-    for shift in (0.0, -0.8):
-        compress(model, {**block(HD), "logit_shift": shift})
-        cache = build_cache(model)
-        with torch.no_grad():
-            model(x, past_key_values=cache)
-        layer = cache.layers[0]
-        assert layer.logit_shift == shift and layer.n_comp == 40 - 4 - 8
-        q = torch.randn(1, 4, 1, HD, generator=torch.Generator().manual_seed(3))
-        out = layer.attend(q, None, HD**-0.5)  # (B, Q, H, d)
-        n = layer.n_comp
-        k_c = kvdict_reconstruct(layer.dk, layer.k_idx[:, :, :n], layer.k_coef[:, :, :n])
-        v_c = kvdict_reconstruct(layer.dv, layer.v_idx[:, :, :n], layer.v_coef[:, :, :n])
-        k = torch.cat([layer.sink_k, k_c, layer.buf_k], 2)
-        v = torch.cat([layer.sink_v, v_c, layer.buf_v], 2)
-        g = q.shape[1] // k.shape[1]
-        logits = torch.einsum("bhgd,bhtd->bhgt", q.view(1, k.shape[1], g, HD), k) * HD**-0.5
-        logits[..., 4 : 4 + n] += shift
-        truth = torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), v).reshape(1, 4, HD)
-        torch.testing.assert_close(out[:, 0], truth, atol=2e-6, rtol=1e-5)
-    for bad in (float("nan"), True, "x"):
-        with pytest.raises(ValueError, match="config.kvsurgery.logit_shift must be a finite"):
-            kvs_cache.validate({**block(2), "logit_shift": bad}, 2)
-        with pytest.raises(ValueError, match="logit_shift must be a finite"):
-            KVDictLayer(*[torch.eye(HD)] * 4, 2, 2, logit_shift=bad)

@@ -12,16 +12,9 @@ first step after the prefill, when every layer has scored it, and the ``protect`
 best-scored tokens of each sequence among those encoded are also kept exact
 (``kept_k/kept_v``, positions in ``kept_pos``): attention reads them exactly and masks
 their codes.
-
-With ``logit_shift < 0`` (beyond the paper) every compressed token's attention logit is
-lowered by that constant: a code's score error of about one logit on SmolLM2 spreads the
-softmax over the coded tokens, and weighing them less against the exact ones lowers
-perplexity (see ``recipes/kvdict.yaml``).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -74,11 +67,9 @@ class KVDictLayer(CompressedLayer):
         protect=0,
         protect_window=32,
         protect_pool=9,
-        logit_shift=0.0,
     ):
         super().__init__()
         self.dk, self.dv, self.gram_k, self.gram_v = dk, dv, gram_k, gram_v
-        self.logit_shift = _finite_float(logit_shift, "logit_shift")
         self.kmap, self.qmap = kmap, qmap  # fp32 W and W⁻ᵀ, (H_kv, d[, d]), or both None
         self.s_k, self.s_v = int(s_k), int(s_v)
         self.sinks, self.buffer, self.flush = int(sinks), int(buffer), int(flush)
@@ -244,7 +235,6 @@ class KVDictLayer(CompressedLayer):
             comp_mask=comp_mask,
             exact_mask=exact_mask,
             softcap=softcap,
-            comp_bias=self.logit_shift,
         )
         return out.transpose(1, 2).contiguous()
 
@@ -296,15 +286,9 @@ def buffer_names(block: dict) -> tuple[str, ...]:
     return (*BUFFERS, KEY_MAP) if block.get("key_map") else BUFFERS
 
 
-# Settings a block may carry (absent: the layer's defaults, no protection, no logit shift).
-OPTIONAL_KEYS = ("protect", "protect_window", "protect_pool", "logit_shift")
+# Protected-token settings a block may carry (absent: the layer's defaults, no protection).
+OPTIONAL_KEYS = ("protect", "protect_window", "protect_pool")
 SUPPORTS_SOFTCAP = True  # attend() applies attention logit softcapping (Gemma2)
-
-
-def _finite_float(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"config.kvsurgery.{where} must be a finite number, got {value!r}.")
-    return float(value)
 
 
 def _positive_int(value, where: str, minimum: int = 1) -> None:
@@ -327,8 +311,6 @@ def validate(block: dict, num_layers: int) -> None:
     for key, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
         if key in block:
             _positive_int(block[key], key, lo)
-    if "logit_shift" in block:
-        _finite_float(block["logit_shift"], "logit_shift")
     if not isinstance(block.get("key_map", False), bool):
         raise ValueError(
             f"config.kvsurgery.key_map must be true or false, got {block['key_map']!r}."
