@@ -15,9 +15,9 @@ script puts the exact vectors back:
     --key-sign-residual     add the key residual quantized to one bit per channel with one
                             scale per token (mean |residual|): what ~d/8 more bytes would buy
     --mass oracle           rescale, per query, the softmax mass of the compressed tokens to
-                            what their exact keys give (an upper bound for any mass correction)
-    --logit-shift -0.3      add this constant to every compressed token's logit (a practical
-                            mass correction: noisy logits inflate the sum of their exponentials)
+                            what their exact keys give (a perfect per-query mass correction)
+    --logit-shift -0.5      add this constant to every compressed token's logit (SmolLM2 4k:
+                            better on the eval text, worse on a held-out one; see README)
 
 Everything after ``--`` goes to ``kvsurgery eval`` (its bytes/token column counts the
 codes, not the diagnostic copies). Example (SmolLM2, needle at 4k)::
@@ -100,6 +100,8 @@ def install(
     def attend(self, query, attention_mask, scaling, softcap=None):
         if softcap is not None:
             raise SystemExit("diagnose_kvdict.py does not handle softcapped models")
+        if self.protect:
+            raise SystemExit("diagnose_kvdict.py does not read protected tokens: --set protect=0")
         b, _, q_len, _ = query.shape
         n = self.n_comp
         mask = self._valid_mask(attention_mask, q_len, b, query.device)
