@@ -20,7 +20,7 @@ import torch
 
 from ..kernels.kvdict_attention import kvdict_attention
 from ..kernels.omp import omp
-from .kvs_layer import CompressedLayer
+from .kvs_layer import PROTECT_SETTINGS, CompressedLayer
 
 # Codes are stored in blocks of this many tokens: one reallocation per block keeps appends
 # amortised O(1) while the allocated bytes stay within one block of what the format promises.
@@ -268,12 +268,6 @@ class KVDictLayer(CompressedLayer):
             keep = self.sink_k.shape[2] - n
             self.sink_k, self.sink_v = self.sink_k[:, :, :keep], self.sink_v[:, :, :keep]
 
-    def reset(self) -> None:
-        self.is_initialized = False
-        self.n_comp = self.seen = 0
-        if self.scores is not None:
-            self.scores.total = None
-
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
 BUFFERS = ("kvsurgery_dk", "kvsurgery_dv")  # every compressed layer has these
@@ -287,7 +281,7 @@ def buffer_names(block: dict) -> tuple[str, ...]:
 
 
 # Protected-token settings a block may carry (absent: the layer's defaults, no protection).
-OPTIONAL_KEYS = ("protect", "protect_window", "protect_pool")
+OPTIONAL_KEYS = tuple(name for name, _ in PROTECT_SETTINGS)
 SUPPORTS_SOFTCAP = True  # attend() applies attention logit softcapping (Gemma2)
 
 
@@ -308,7 +302,7 @@ def validate(block: dict, num_layers: int) -> None:
     _positive_int(block.get("sinks"), "sinks", 0)
     _positive_int(block.get("buffer"), "buffer")
     _positive_int(block.get("flush"), "flush")
-    for key, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
+    for key, lo in PROTECT_SETTINGS:
         if key in block:
             _positive_int(block[key], key, lo)
     if not isinstance(block.get("key_map", False), bool):

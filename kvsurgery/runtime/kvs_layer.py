@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+# Protected-token settings and their least values: layers and config blocks check these.
+PROTECT_SETTINGS = (("protect", 0), ("protect_window", 1), ("protect_pool", 1))
+
 
 class CompressedLayer(CacheLayerMixin):
     is_sliding = False
@@ -28,6 +31,13 @@ class CompressedLayer(CacheLayerMixin):
 
     def _tensors(self) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the sequence, and the prompt scores the cache's layers share."""
+        self.is_initialized = False
+        self.seen = self.n_comp = 0
+        if self.scores is not None:
+            self.scores.total = None
 
     def _after_batch_map(self) -> None:
         """Hook for subclasses that keep views of their state tensors."""
@@ -87,7 +97,7 @@ class CompressedLayer(CacheLayerMixin):
     # ``sink_k``, ``n_comp``, ``kept_k/kept_v/kept_pos``) ---------------------------------
     def _set_protect(self, protect: int, window: int, pool: int) -> None:
         self.protect, self.protect_window, self.protect_pool = int(protect), int(window), int(pool)
-        for name, lo in (("protect", 0), ("protect_window", 1), ("protect_pool", 1)):
+        for name, lo in PROTECT_SETTINGS:
             if getattr(self, name) < lo:
                 raise ValueError(
                     f"{type(self).__name__} {name} must be >= {lo}, got {getattr(self, name)}"

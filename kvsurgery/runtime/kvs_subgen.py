@@ -41,7 +41,7 @@ from ..kernels.subgen import (
     merge_append,
     new_state,
 )
-from .kvs_layer import CompressedLayer
+from .kvs_layer import PROTECT_SETTINGS, CompressedLayer
 
 # Cluster storage grows (and is trimmed back) by blocks of this many clusters: one
 # reallocation per block keeps appends amortised O(1).
@@ -308,12 +308,6 @@ class SubGenLayer(CompressedLayer):
             keep = self.sink_k.shape[2] - n
             self.sink_k, self.sink_v = self.sink_k[:, :, :keep], self.sink_v[:, :, :keep]
 
-    def reset(self) -> None:
-        self.is_initialized = False
-        self.seen = self.n_comp = 0
-        if self.scores is not None:
-            self.scores.total = None
-
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
 BUFFERS: tuple[str, ...] = ()  # SubGen calibrates settings (radii, t, s), not tensors
@@ -330,7 +324,7 @@ GLOBAL_KEYS = (
     "protect_pool",
 )
 # Settings a block may leave out: the layer's own defaults then apply.
-OPTIONAL_KEYS = ("kmeans_iters", "protect", "protect_window", "protect_pool")
+OPTIONAL_KEYS = ("kmeans_iters", *(name for name, _ in PROTECT_SETTINGS))
 
 
 def _setting(spec: dict, block: dict, key: str):
@@ -350,7 +344,7 @@ def validate(block: dict, num_layers: int) -> None:
         )
     mean = estimator == "mean"
     ints = (("sinks", 0), ("window", 1), ("seed", 0))
-    ints += (("protect", 0), ("protect_window", 1), ("protect_pool", 1))
+    ints += PROTECT_SETTINGS
     ints += (("kmeans_iters", 1),) if mean else (("t", 1), ("s", 1))
     for i, spec in enumerate(block["layers"]):
         if spec.get("dense"):
