@@ -6,7 +6,10 @@ Every (method, task, context) *cell* runs one model with one fresh cache per seq
   read back to front, far from what calibration reads first) are prefilled through the
   cache; then the next 128 tokens are fed one at a time through it (teacher forcing) and
   each next token is scored: ``exp(mean NLL)`` over those 128 predictions, every one of
-  which reads the prefix from the cache's stored (possibly compressed) state.
+  which reads the prefix from the cache's stored (possibly compressed) state. With
+  ``ppl_texts`` > 1 that is repeated on as many consecutive, disjoint windows of the corpus
+  (a fresh cache each) and the NLL averaged over all their predictions: one 128-token
+  continuation is a small sample, on which methods can swap places.
 - ``passkey`` / ``needle``: a prompt of ``context`` tokens with a fact at several depths;
   the text is prefilled, then the question is fed as a second step through the cache and a
   few tokens are decoded greedily; accuracy over depths (and trials).
@@ -175,6 +178,7 @@ class EvalConfig:
     """Everything but the model that decides the numbers (recorded in results.json)."""
 
     ppl_tokens: int = 128  # continuation tokens scored after the prefix
+    ppl_texts: int = 1  # disjoint text windows the perplexity averages over
     depths: tuple = DEFAULT_DEPTHS
     trials: int = 1  # prompts per depth (passkey, needle)
     answer_tokens: int = 8  # greedy tokens decoded for passkey/needle
@@ -193,7 +197,14 @@ class EvalConfig:
 
     def __post_init__(self):
         self.depths = tuple(float(d) for d in self.depths)
-        for k in ("ppl_tokens", "trials", "answer_tokens", "hub_limit", "hub_max_new_tokens"):
+        for k in (
+            "ppl_tokens",
+            "ppl_texts",
+            "trials",
+            "answer_tokens",
+            "hub_limit",
+            "hub_max_new_tokens",
+        ):
             if getattr(self, k) < 1:
                 raise KVSurgeryError(f"{k} must be >= 1, got {getattr(self, k)}.")
         if any(not 0 <= d <= 1 for d in self.depths) or not self.depths:
@@ -401,12 +412,14 @@ class _Run:
     hub_rows: dict = field(default_factory=dict)
 
     # data ------------------------------------------------------------------------------
-    def text(self, n: int) -> torch.Tensor:
-        if self.text_ids is None or self.text_ids.numel() < n:
+    def text(self, n: int, index: int = 0) -> torch.Tensor:
+        """Window ``index`` of ``n`` consecutive tokens of the evaluation text."""
+        need = n * (index + 1)
+        if self.text_ids is None or self.text_ids.numel() < need:
             from .data import builtin_documents, pack_tokens
 
-            self.text_ids = pack_tokens(builtin_documents("reverse"), self.tok, 1, n)[0]
-        return self.text_ids[:n]
+            self.text_ids = pack_tokens(builtin_documents("reverse"), self.tok, 1, need)[0]
+        return self.text_ids[n * index : need]
 
     def sentences(self) -> list:
         if self.haystack is None:
@@ -455,12 +468,18 @@ class _Run:
         return cell
 
     def _ppl(self, builder, context):
-        n = self.cfg.ppl_tokens
-        ids = self.text(context + n + 1)
-        cache = builder(self.model)
-        nll = continuation_nll(self.model, ids, context, n, cache)
+        n, texts = self.cfg.ppl_tokens, self.cfg.ppl_texts
+        nll, per_text = [], []
+        for i in range(texts):
+            cache = builder(self.model)
+            part = continuation_nll(self.model, self.text(context + n + 1, i), context, n, cache)
+            per_text.append(math.exp(sum(part) / n))
+            nll += part
         mean = sum(nll) / len(nll)
-        return {"perplexity": math.exp(mean), "nll": mean, "tokens_scored": n}, cache
+        metrics = {"perplexity": math.exp(mean), "nll": mean, "tokens_scored": len(nll)}
+        if texts > 1:
+            metrics["perplexity_per_text"] = per_text
+        return metrics, cache  # memory is measured on the last text's cache
 
     def _retrieval(self, builder, kind, context):
         from .tasks import needle_prompt, needle_score, passkey_prompt, passkey_score
@@ -693,13 +712,15 @@ def _window_for(run: _Run, target_bytes: float, n_tokens: int) -> int:
 def _task_settings(cfg: EvalConfig, kind: str) -> dict:
     """The settings a task's numbers depend on (a change reruns only those cells)."""
     names = {
-        "ppl": ("ppl_tokens",),
+        "ppl": ("ppl_tokens",),  # + ppl_texts when not 1: older cells match
         "passkey": ("depths", "trials", "answer_tokens"),
         "needle": ("depths", "trials", "answer_tokens"),
     }.get(kind)
     if names is None:  # hub
         names = tuple(f.name for f in dataclasses.fields(cfg) if f.name.startswith("hub_"))
     out = {n: getattr(cfg, n) for n in names}
+    if kind == "ppl" and cfg.ppl_texts != 1:
+        out["ppl_texts"] = cfg.ppl_texts
     if kind in ("passkey", "needle") and cfg.question_in_prompt:  # absent: older cells match
         out["question_in_prompt"] = True
     return out
@@ -1004,7 +1025,9 @@ def results_markdown(results: dict) -> str:
         "",
         f"dtype {results['dtype'].replace('torch.', '')}, seed {results['seed']}, "
         f"kvsurgery {results['kvsurgery']}, {results['created']}. Perplexity: "
-        f"{s['ppl_tokens']} teacher-forced tokens after the context, read through the cache. "
+        f"{s['ppl_tokens']} teacher-forced tokens after the context, read through the cache"
+        + (f", on each of {s['ppl_texts']} disjoint texts" if s.get("ppl_texts", 1) > 1 else "")
+        + ". "
         f"Passkey/needle: accuracy over depths {', '.join(str(d) for d in s['depths'])} "
         f"× {s['trials']} trial(s)"
         + (", question at the end of the prefilled prompt" if s.get("question_in_prompt") else "")
@@ -1101,6 +1124,14 @@ def _depths_option(ctx, param, value):
     help="Tokens scored by teacher-forced decoding after the context.",
 )
 @click.option(
+    "--ppl-texts",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Disjoint text windows (consecutive, from the end of the corpus) the perplexity "
+    "averages over; more give a sturdier comparison, each costs a prefill and --ppl-tokens steps.",
+)
+@click.option(
     "--depths",
     default="0.1,0.5,0.9",
     show_default=True,
@@ -1165,6 +1196,7 @@ def eval_command(
     dtype,
     device_map,
     ppl_tokens,
+    ppl_texts,
     depths,
     trials,
     answer_tokens,
@@ -1191,6 +1223,7 @@ def eval_command(
         device_map=device_map,
         progress=not no_progress,
         ppl_tokens=ppl_tokens,
+        ppl_texts=ppl_texts,
         depths=depths,
         trials=trials,
         answer_tokens=answer_tokens,

@@ -243,6 +243,34 @@ def test_full_cache_perplexity_equals_dense_forward(tiny_llama_dir, tmp_path):
     assert res["cells"][0]["kv_bytes"] == 2 * 2 * 2 * (ctx + n) * HD * 4
 
 
+def test_perplexity_over_several_texts_is_the_dense_mean_over_disjoint_windows(
+    tiny_llama_dir, tmp_path
+):
+    model, tok, info = load_tiny(tiny_llama_dir)
+    ctx, n, texts = 48, 16, 3
+    common = dict(methods="full", tasks="ppl", contexts=[ctx], ppl_tokens=n, progress=False)
+    one = ev.run_eval((model, tok, info), out_dir=tmp_path / "one", **common)
+    res = ev.run_eval((model, tok, info), out_dir=tmp_path / "three", ppl_texts=texts, **common)
+    length = ctx + n + 1
+    ids = pack_tokens(builtin_documents("reverse"), tok, texts, length)  # consecutive windows
+    with torch.no_grad():
+        logits = model(ids).logits[:, ctx : ctx + n].float()
+    nll = -torch.log_softmax(logits, -1).gather(2, ids[:, ctx + 1 :, None]).squeeze(2).double()
+    metrics = res["cells"][0]["metrics"]
+    assert metrics["tokens_scored"] == texts * n
+    assert metrics["perplexity"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-4)
+    per_text = [math.exp(float(x)) for x in nll.mean(1)]
+    assert metrics["perplexity_per_text"] == pytest.approx(per_text, rel=1e-4)
+    assert len(set(round(p, 3) for p in per_text)) == texts  # really different texts
+    # the first window is the one a single-text run scores
+    assert one["cells"][0]["metrics"]["perplexity"] == pytest.approx(per_text[0], rel=1e-6)
+    assert "perplexity_per_text" not in one["cells"][0]["metrics"]
+    assert "on each of 3 disjoint texts" in ev.results_markdown(res)
+    assert "disjoint" not in ev.results_markdown(one)
+    with pytest.raises(KVSurgeryError, match="ppl_texts must be >= 1"):
+        ev.EvalConfig(ppl_texts=0)
+
+
 def test_lossless_limit_and_large_window_reproduce_full(tiny_llama_dir, tmp_path):
     model, tok, info = load_tiny(tiny_llama_dir)
     block = {
@@ -401,6 +429,12 @@ def test_resume_skips_finished_cells(tiny_llama_dir, calibration, tmp_path, monk
     ran.clear()
     ev.run_eval(loaded, contexts="64", **{**args, "ppl_tokens": 12})
     assert len(ran) == 2
+    ran.clear()
+    ev.run_eval(loaded, contexts="64", **{**args, "ppl_texts": 2})
+    assert len(ran) == 2
+    ran.clear()
+    ev.run_eval(loaded, contexts="64", **args)  # ppl_texts 1 is the setting of older cells
+    assert ran == []
 
 
 # -- errors and the command ---------------------------------------------------------------
@@ -449,6 +483,8 @@ def test_command(tiny_llama_dir, tmp_path):
         "64",
         "--ppl-tokens",
         "8",
+        "--ppl-texts",
+        "2",
         "--depths",
         "0.5",
         "--out",
@@ -460,6 +496,9 @@ def test_command(tiny_llama_dir, tmp_path):
     assert "| sink_window:16 (W=16) | 64 |" in res.output
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["settings"]["depths"] == [0.5] and data["contexts"] == [64]
+    assert data["settings"]["ppl_texts"] == 2
+    ppl = next(c for c in data["cells"] if c["task"] == "ppl")
+    assert ppl["metrics"]["tokens_scored"] == 16
     bad = runner.invoke(ev.eval_command, ["--context", "2k,x", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "bad context 'x'" in bad.output
     helps = [p.help for p in ev.eval_command.params]
