@@ -382,3 +382,39 @@ def test_protected_tokens_count_in_measured_memory(model):
     exact = (4 + 16 + 9) * 2 * 2 * HD * 4 + 16 * 8  # sinks, kept, buffer (fp32) + positions
     codes = 2 * -(-n_c // CODE_BLOCK) * CODE_BLOCK * 2 * 5 * 3
     assert layer.nbytes() == exact + codes
+
+
+TRAINING_FREE = {
+    "clusterkv": {"budget": 12, "sinks": 2, "window": 4, "tokens_per_cluster": 3},
+    "subgen": {"estimator": "mean", "protect": 0.5, "sinks": 2, "window": 4},
+}
+
+
+@pytest.mark.parametrize("method", ["kvdict", "clusterkv", "subgen"])
+def test_compressed_caches_work_with_autograd_enabled(model, method):
+    """A plain forward (no ``torch.no_grad``, as in a training loop or a user's own code)
+    through a compressed cache (KV-Dict and SubGen protecting tokens) gives the logits it
+    gives under no_grad, and the prefill's gradient still reaches the weights."""
+    from kvsurgery.export import apply_default
+    from kvsurgery.recipes import recipe_from_dict
+
+    x = ids(1, 40, seed=5)
+    if method == "kvdict":
+        dicts = {i: (random_dict(64, i), random_dict(64, 10 + i)) for i in range(2)}
+        compress(model, protecting(block(2, n_atoms=64), 6), dicts)
+    else:
+        recipe = recipe_from_dict({"method": method, **TRAINING_FREE[method]})
+        apply_default(model, method, recipe)
+        model.set_attn_implementation(ATTN_NAME)
+    outs = []
+    for grad in (False, True):
+        cache = build_cache(model)
+        with torch.set_grad_enabled(grad):
+            first = model(x[:, :30], past_key_values=cache).logits
+            steps = [model(x[:, t : t + 1], past_key_values=cache).logits for t in range(30, 34)]
+        if grad:
+            first[0, -1].sum().backward()
+            assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
+        outs.append(torch.cat([first, *steps], 1).detach())
+        assert cache.layers[0].n_comp > 0  # the steps read a compressed past
+    torch.testing.assert_close(outs[1], outs[0])

@@ -164,7 +164,8 @@ class KVDictLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         self.last_had_past = self.seen > 0
         self.seen += key_states.shape[2]
-        k, v = self._take_sinks(self._map_keys(key_states), value_states)
+        # the stored state is not differentiable (codes come from OMP): keep no graph
+        k, v = self._take_sinks(self._map_keys(key_states.detach()), value_states.detach())
         self.buf_k = torch.cat([self.buf_k, k], dim=2)
         self.buf_v = torch.cat([self.buf_v, v], dim=2)
         if self.protect > 0 and not self._chosen:

@@ -152,15 +152,17 @@ class ClusterKVLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         self.last_had_past = self.seen > 0
         b, h, t, _ = key_states.shape
+        # the stored state is not differentiable (clusters, selections): keep no graph
+        k, v = key_states.detach(), value_states.detach()
         self._reserve(self.seen + t)
-        self._k[:, :, self.seen : self.seen + t] = key_states.to(self._k.device)
-        self._v[:, :, self.seen : self.seen + t] = value_states.to(self._v.device)
+        self._k[:, :, self.seen : self.seen + t] = k.to(self._k.device)
+        self._v[:, :, self.seen : self.seen + t] = v.to(self._v.device)
         if self.offload_kv:
             # new tokens arrive on the device: they join the working set without a copy.
             # Their positions exceed every resident one, so _res_pos stays ascending.
             pos = torch.arange(self.seen, self.seen + t, device=self.device).expand(b, h, t)
-            self._res_k = torch.cat([self._res_k, key_states], dim=2)
-            self._res_v = torch.cat([self._res_v, value_states], dim=2)
+            self._res_k = torch.cat([self._res_k, k], dim=2)
+            self._res_v = torch.cat([self._res_v, v], dim=2)
             self._res_pos = torch.cat([self._res_pos, pos], dim=2)
         self.seen += t
         self._views()

@@ -103,6 +103,7 @@ class CompressedLayer(CacheLayerMixin):
                     f"{type(self).__name__} {name} must be >= {lo}, got {getattr(self, name)}"
                 )
 
+    @torch.no_grad()  # a choice of tokens, not a differentiable output: also under autograd
     def observe(self, query, key, attention_mask, scaling) -> None:
         """Dense prefill (no past): add this layer's attention from the last
         ``protect_window`` queries to each cached position into the shared prompt scores."""

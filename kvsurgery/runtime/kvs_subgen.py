@@ -192,7 +192,8 @@ class SubGenLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         self.last_had_past = self.seen > 0
         self.seen += key_states.shape[2]
-        k, v = self._take_sinks(key_states, value_states)
+        # the stored state is not differentiable (clusters, samples): keep no graph
+        k, v = self._take_sinks(key_states.detach(), value_states.detach())
         self.win_k = torch.cat([self.win_k, k], dim=2)
         self.win_v = torch.cat([self.win_v, v], dim=2)
         return key_states, value_states
