@@ -7,6 +7,7 @@ script puts the exact vectors back:
 
     --exact keys            exact keys for every compressed token, values from codes
     --exact values          exact values, keys from codes
+    --exact both            exact keys and values (the full cache's attention, a check)
     --layers 17-19          only in these layers (with --exact)
     --top-residual 0.05     exact keys for the 5% of tokens (per layer and head) whose key
                             codes have the largest relative error
@@ -18,6 +19,11 @@ script puts the exact vectors back:
                             what their exact keys give (a perfect per-query mass correction)
     --logit-shift -0.5      add this constant to every compressed token's logit (SmolLM2 4k:
                             better on the eval text, worse on a held-out one; see README)
+    --logit-shrink 0.5      compressed tokens' logits l -> mu + 0.5 (l - mu), mu their mean
+                            per query: damps the codes' logit noise (did not help pass keys)
+
+Protected tokens (recipe ``protect``) are read exactly, as the shipped attention reads them;
+the options above apply to the coded tokens only.
 
 Everything after ``--`` goes to ``kvsurgery eval`` (its bytes/token column counts the
 codes, not the diagnostic copies). Example (SmolLM2, needle at 4k)::
@@ -48,24 +54,26 @@ def _layer_range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--layers takes A-B or A, got {text!r}") from None
 
 
-def _biased_attention(q, k, v, exact_k, start, n, scale, mask, oracle, shift):
-    """fp32 GQA attention whose compressed columns ``start:start+n`` get a logit bias."""
+def _biased_attention(q, k, v, exact_k, start, n, scale, mask, oracle, shift, shrink):
+    """fp32 GQA attention whose compressed columns ``start:start+n`` get their logits shrunk
+    towards their mean and a bias. ``mask`` ``(B, Q, L)`` bool."""
     B, H, Q, d = q.shape
     H_kv, L = k.shape[1], k.shape[2]
     g = H // H_kv
     qg = q.float().reshape(B, H_kv, g * Q, d)
     s = ((qg @ k.transpose(-1, -2)) * scale).view(B, H_kv, g, Q, L)
-    m = mask if mask is None or mask.dim() == 3 else mask[:, None, :].expand(B, Q, L)
-    if m is not None:
-        s = s.masked_fill(~m[:, None, None], float("-inf"))
-    comp = s[..., start : start + n]
+    m = mask[:, None, None]
+    comp, cm = s[..., start : start + n], m[..., start : start + n]
+    if shrink != 1.0:
+        mu = (comp * cm).sum(-1, keepdim=True) / cm.sum(-1, keepdim=True).clamp_min(1)
+        comp = mu + shrink * (comp - mu)
     if oracle:
         se = ((qg @ exact_k.transpose(-1, -2)) * scale).view(B, H_kv, g, Q, n)
-        if m is not None:
-            se = se.masked_fill(~m[:, None, None, :, start : start + n], float("-inf"))
-        bias = (se.logsumexp(-1, keepdim=True) - comp.logsumexp(-1, keepdim=True)).nan_to_num(0.0)
+        se, c = se.masked_fill(~cm, float("-inf")), comp.masked_fill(~cm, float("-inf"))
+        bias = (se.logsumexp(-1, keepdim=True) - c.logsumexp(-1, keepdim=True)).nan_to_num(0.0)
         comp = comp + bias
     s = torch.cat([s[..., :start], comp + shift, s[..., start + n :]], -1)
+    s = s.masked_fill(~m, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return (p.view(B, H_kv, g * Q, L) @ v).view(B, H, Q, d)
 
@@ -78,6 +86,7 @@ def install(
     sign_residual: bool = False,
     mass: str | None = None,
     shift: float = 0.0,
+    shrink: float = 1.0,
 ) -> None:
     """Patch :class:`kvs_cache.KVDictLayer` in this process (see the module doc)."""
     append_codes, make_layer = kvs_cache.KVDictLayer._append_codes, kvs_cache.make_layer
@@ -100,18 +109,25 @@ def install(
     def attend(self, query, attention_mask, scaling, softcap=None):
         if softcap is not None:
             raise SystemExit("diagnose_kvdict.py does not handle softcapped models")
-        if self.protect:
-            raise SystemExit("diagnose_kvdict.py does not read protected tokens: --set protect=0")
         b, _, q_len, _ = query.shape
-        n = self.n_comp
-        mask = self._valid_mask(attention_mask, q_len, b, query.device)
+        m = self._valid_mask(attention_mask, q_len, b, query.device)
+        if self.protect > 0 and not self._chosen:
+            self._flush_prompt(m)
+        n_s, n = self.sink_k.shape[2], self.n_comp
+        comp_mask = m[:, :, n_s : n_s + n]
+        if self.kept_pos.shape[1]:  # as the shipped attention: protected tokens read exactly
+            slot = torch.where(self.kept_pos >= 0, self.kept_pos - n_s, n)
+            coded = torch.ones(b, n + 1, dtype=torch.bool, device=m.device)
+            coded.scatter_(1, slot, False)
+            comp_mask = comp_mask & coded[:, None, :n]
+        mask = torch.cat([m[:, :, :n_s], self._kept_mask(m), comp_mask, m[:, :, n_s + n :]], -1)
         k_c = kvdict_reconstruct(self.dk, self.k_idx[:, :, :n], self.k_coef[:, :, :n])
         v_c = kvdict_reconstruct(self.dv, self.v_idx[:, :, :n], self.v_coef[:, :, :n])
         exact_k, exact_v = self.exact_k[:, :, :n].float(), self.exact_v[:, :, :n].float()
         if n and self._diag_on:
-            if exact == "keys":
+            if exact in ("keys", "both"):
                 k_c = exact_k
-            elif exact == "values":
+            if exact in ("values", "both"):
                 v_c = exact_v
         if n and self._diag_on and sign_residual:
             res = exact_k - k_c
@@ -122,21 +138,22 @@ def install(
             err = self.key_err[:, :, :n]
             worst = err >= torch.quantile(err, 1 - top, dim=-1, keepdim=True)
             k_c = torch.where(worst[..., None], exact_k, k_c)
-        k = torch.cat([self.sink_k.float(), k_c, self.buf_k.float()], 2)
-        v = torch.cat([self.sink_v.float(), v_c, self.buf_v.float()], 2)
+        k = torch.cat([self.sink_k.float(), self.kept_k.float(), k_c, self.buf_k.float()], 2)
+        v = torch.cat([self.sink_v.float(), self.kept_v.float(), v_c, self.buf_v.float()], 2)
         q = self._map_query(query)
-        if n and self._diag_on and (mass or shift):
+        if n and self._diag_on and (mass or shift or shrink != 1.0):
             out = _biased_attention(
                 q,
                 k,
                 v,
                 exact_k,
-                self.sink_k.shape[2],
+                n_s + self.kept_k.shape[2],
                 n,
                 scaling,
                 mask,
                 oracle=mass == "oracle",
                 shift=shift,
+                shrink=shrink,
             )
         else:
             out = dense_attention_fp32(q, k, v, scaling, mask)
@@ -159,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     )
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--exact", choices=("keys", "values"))
+    ap.add_argument("--exact", choices=("keys", "values", "both"))
     ap.add_argument(
         "--layers", type=_layer_range, help="A-B: layers --exact and the key options apply to"
     )
@@ -168,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--key-sign-residual", action="store_true")
     ap.add_argument("--mass", choices=("oracle",))
     ap.add_argument("--logit-shift", type=float, default=0.0)
+    ap.add_argument("--logit-shrink", type=float, default=1.0)
     args = ap.parse_args(ours)
     if not 0.0 <= args.top_residual < 1.0:
         ap.error("--top-residual must be in [0, 1)")
@@ -181,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         args.key_sign_residual,
         args.mass,
         args.logit_shift,
+        args.logit_shrink,
     )
     sys.argv = ["kvsurgery", "eval", *rest]
     kvsurgery_main()

@@ -582,3 +582,57 @@ def test_half_precision_perplexity_is_flagged_as_noisy(full_run):
         "table": [{k: v for k, v in r.items() if k != "perplexity"} for r in res["table"]],
     }
     assert "rounding noise" not in ev.results_markdown(no_ppl)
+
+
+def _diagnose_script(monkeypatch):
+    """scripts/diagnose_kvdict.py as a module; its patches are undone after the test."""
+    import importlib.util
+    from pathlib import Path
+
+    from kvsurgery.runtime import kvs_cache
+
+    for name in ("_append_codes", "attend"):
+        monkeypatch.setattr(kvs_cache.KVDictLayer, name, getattr(kvs_cache.KVDictLayer, name))
+    monkeypatch.setattr(kvs_cache, "make_layer", kvs_cache.make_layer)
+    path = Path(__file__).parents[1] / "scripts" / "diagnose_kvdict.py"
+    spec = importlib.util.spec_from_file_location("diagnose_kvdict", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("protect", [0, 6])
+def test_diagnose_script_reads_codes_like_the_cache_and_exact_vectors_like_full(
+    tiny_llama_dir, tmp_path, monkeypatch, protect
+):
+    """The diagnostic's own attention (with protected tokens read exactly) gives the shipped
+    cache's perplexity; with every coded token's exact key and value put back, the full
+    cache's."""
+    from kvsurgery.calibrate import calibrate
+    from kvsurgery.recipes import CalibrationConfig, recipe_from_dict
+
+    cal = tmp_path / "cal"
+    recipe = recipe_from_dict({**RECIPE, "s_k": 1, "s_v": 1, "protect": protect})
+    calibrate(
+        None,
+        cal,
+        recipes=[recipe],
+        settings=CalibrationConfig(samples=4, seq_len=64),
+        loaded=load_tiny(tiny_llama_dir),
+        progress=False,
+    )
+
+    def ppl(out, methods="kvdict"):
+        res = ev.run_eval(
+            load_tiny(tiny_llama_dir), calibration=cal, methods=methods, tasks="ppl",
+            contexts=[64], out_dir=tmp_path / out, **FAST,
+        )  # fmt: skip
+        return {c["method"]: c["metrics"]["perplexity"] for c in res["cells"]}
+
+    shipped = ppl("shipped", "kvdict,full")
+    diag = _diagnose_script(monkeypatch)
+    diag.install(None, None, 0.0)
+    assert ppl("codes")["kvdict"] == pytest.approx(shipped["kvdict"], rel=1e-3)
+    diag.install("both", None, 0.0)
+    assert ppl("both")["kvdict"] == pytest.approx(shipped["full"], rel=1e-4)
+    assert abs(shipped["kvdict"] / shipped["full"] - 1) > 3e-3  # the codes are lossy here
