@@ -114,13 +114,9 @@ def install(
         if self.protect > 0 and not self._chosen:
             self._flush_prompt(m)
         n_s, n = self.sink_k.shape[2], self.n_comp
-        comp_mask = m[:, :, n_s : n_s + n]
-        if self.kept_pos.shape[1]:  # as the shipped attention: protected tokens read exactly
-            slot = torch.where(self.kept_pos >= 0, self.kept_pos - n_s, n)
-            coded = torch.ones(b, n + 1, dtype=torch.bool, device=m.device)
-            coded.scatter_(1, slot, False)
-            comp_mask = comp_mask & coded[:, None, :n]
-        mask = torch.cat([m[:, :, :n_s], self._kept_mask(m), comp_mask, m[:, :, n_s + n :]], -1)
+        # as the shipped attention: protected tokens read exactly, not from their codes
+        coded = self._coded_mask(m)
+        mask = torch.cat([m[:, :, :n_s], self._kept_mask(m), coded, m[:, :, n_s + n :]], -1)
         k_c = kvdict_reconstruct(self.dk, self.k_idx[:, :, :n], self.k_coef[:, :, :n])
         v_c = kvdict_reconstruct(self.dv, self.v_idx[:, :, :n], self.v_coef[:, :, :n])
         exact_k, exact_v = self.exact_k[:, :, :n].float(), self.exact_v[:, :, :n].float()

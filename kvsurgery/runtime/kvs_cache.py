@@ -200,6 +200,18 @@ class KVDictLayer(CompressedLayer):
         if n_buf >= self.buffer + self.flush:
             self._flush(n_buf - self.buffer)
 
+    def _coded_mask(self, m: torch.Tensor) -> torch.Tensor:
+        """``(B, Q, n_comp)``: the columns of the ``(B, Q, seen)`` mask ``m`` read from codes;
+        a protected token is read exactly (``_kept_mask``), never from its code."""
+        n_s, n_c = self.sink_k.shape[2], self.n_comp
+        comp_mask = m[:, :, n_s : n_s + n_c]
+        if self.kept_pos.shape[1]:
+            slot = torch.where(self.kept_pos >= 0, self.kept_pos - n_s, n_c)
+            coded = torch.ones(m.shape[0], n_c + 1, dtype=torch.bool, device=m.device)
+            coded.scatter_(1, slot, False)
+            comp_mask = comp_mask & coded[:, None, :n_c]
+        return comp_mask
+
     def attend(self, query, attention_mask, scaling, softcap=None):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
 
@@ -211,15 +223,10 @@ class KVDictLayer(CompressedLayer):
         if self.protect > 0 and not self._chosen:
             self._flush_prompt(m)
         n_s, n_c = self.sink_k.shape[2], self.n_comp
-        comp_mask = m[:, :, n_s : n_s + n_c]
+        comp_mask = self._coded_mask(m)
         exact_mask = torch.cat([m[:, :, :n_s], self._kept_mask(m), m[:, :, n_s + n_c :]], dim=-1)
         k_exact = torch.cat([self.sink_k, self.kept_k, self.buf_k], dim=2)
         v_exact = torch.cat([self.sink_v, self.kept_v, self.buf_v], dim=2)
-        if self.kept_pos.shape[1]:  # a protected token is read exactly, not from its code
-            slot = torch.where(self.kept_pos >= 0, self.kept_pos - n_s, n_c)
-            coded = torch.ones(b, n_c + 1, dtype=torch.bool, device=m.device)
-            coded.scatter_(1, slot, False)
-            comp_mask = comp_mask & coded[:, None, :n_c]
         if q_len == 1:
             comp_mask, exact_mask = comp_mask[:, 0], exact_mask[:, 0]
         out = kvdict_attention(
