@@ -412,14 +412,12 @@ class _Run:
     hub_rows: dict = field(default_factory=dict)
 
     # data ------------------------------------------------------------------------------
-    def text(self, n: int, index: int = 0) -> torch.Tensor:
-        """Window ``index`` of ``n`` consecutive tokens of the evaluation text."""
-        need = n * (index + 1)
-        if self.text_ids is None or self.text_ids.numel() < need:
+    def text(self, n: int) -> torch.Tensor:
+        if self.text_ids is None or self.text_ids.numel() < n:
             from .data import builtin_documents, pack_tokens
 
-            self.text_ids = pack_tokens(builtin_documents("reverse"), self.tok, 1, need)[0]
-        return self.text_ids[n * index : need]
+            self.text_ids = pack_tokens(builtin_documents("reverse"), self.tok, 1, n)[0]
+        return self.text_ids[:n]
 
     def sentences(self) -> list:
         if self.haystack is None:
@@ -469,10 +467,12 @@ class _Run:
 
     def _ppl(self, builder, context):
         n, texts = self.cfg.ppl_tokens, self.cfg.ppl_texts
+        length = context + n + 1
+        windows = self.text(length * texts).view(texts, length)  # consecutive, disjoint
         nll, per_text = [], []
-        for i in range(texts):
+        for ids in windows:
             cache = builder(self.model)
-            part = continuation_nll(self.model, self.text(context + n + 1, i), context, n, cache)
+            part = continuation_nll(self.model, ids, context, n, cache)
             per_text.append(math.exp(sum(part) / n))
             nll += part
         mean = sum(nll) / len(nll)
