@@ -209,7 +209,8 @@ def sparse_attention_ref(
     index: torch.Tensor,
     n_valid: torch.Tensor,
     scale: float,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Single-query attention over the tokens ``index[b, h, :n_valid[b, h]]`` of kv head h.
 
     Args:
@@ -222,6 +223,9 @@ def sparse_attention_ref(
 
     Returns:
         ``(B, H, 1, d)`` in q's dtype, computed in fp32; a row with ``n_valid == 0`` is 0.
+        With ``return_lse`` also ``(B, H)`` fp32, the log of the softmax denominator
+        (natural log of ``sum exp(scale * q.k)``; ``-inf`` for an empty row), so that the
+        result can be merged with attention over further (pseudo-)tokens.
     """
     B, H, Q, d = q.shape
     if Q != 1:
@@ -243,7 +247,11 @@ def sparse_attention_ref(
     den = p.sum(-1, keepdim=True)
     p = p * torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
     out = torch.matmul(p, vv)  # (B, H_kv, g, d)
-    return out.reshape(B, H, 1, d).to(q.dtype)
+    out = out.reshape(B, H, 1, d).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(den > 0, mx + torch.log(den), torch.full_like(den, float("-inf")))
+    return out, lse.reshape(B, H)
 
 
 # ----------------------------------------------------------------------------------------
@@ -496,6 +504,7 @@ if _HAS_TRITON:
         l_ptr,
         o_ptr,
         out_ptr,
+        lse_ptr,
         n_splits,
         G: tl.constexpr,  # real group size: padded rows g >= G are not written
         G_P: tl.constexpr,  # padded group size (tile dimension)
@@ -503,8 +512,9 @@ if _HAS_TRITON:
         D: tl.constexpr,  # head dim
         D_P: tl.constexpr,  # next pow2 of D (tile dimension)
     ):
-        """Grid ``(B*H_kv,)``. Log-sum-exp merge of the splits into ``out (B*H, D)`` fp32;
-        a head with nothing attended gets zeros."""
+        """Grid ``(B*H_kv,)``. Log-sum-exp merge of the splits into ``out (B*H, D)`` fp32
+        and ``lse (B*H,)`` (natural log of the softmax denominator); a head with nothing
+        attended gets zeros and -inf."""
         pid_bh = tl.program_id(0).to(tl.int64)
         offs_g = tl.arange(0, G_P)
         offs_s = tl.arange(0, NS_P)
@@ -529,6 +539,10 @@ if _HAS_TRITON:
             acc,
             mask=(offs_g < G)[:, None] & dmask[None, :],
         )
+        lse = tl.where(
+            L > 0, (mx + tl.log2(tl.where(L > 0, L, 1.0))) * 0.6931471805599453, float("-inf")
+        )
+        tl.store(lse_ptr + pid_bh * G + offs_g, lse, mask=offs_g < G)
 
 
 def triton_interpreter_active() -> bool:
@@ -713,7 +727,8 @@ def sparse_attention_triton(
     block_n: int | None = None,
     split_len: int | None = None,
     num_warps: int = 4,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """:func:`sparse_attention_ref` with a split-list (flash-decoding) kernel and a merge.
 
     k/v may be views into a preallocated cache (last stride 1); ``index`` int32/int64.
@@ -746,6 +761,7 @@ def sparse_attention_triton(
     l_buf = torch.empty_like(m_buf)
     o_buf = torch.empty(BH * n_splits * G_P * d, dtype=f32, device=dev)
     out = torch.empty(B * H, d, dtype=f32, device=dev)
+    lse = torch.full((B * H,), float("-inf"), dtype=f32, device=dev)
     on_cuda = dev.type == "cuda"
     if BH:
         _kernel(_sparse_attn_split_kernel, on_cuda)[(n_splits, BH)](
@@ -776,6 +792,7 @@ def sparse_attention_triton(
             l_buf,
             o_buf,
             out,
+            lse,
             n_splits,
             G=g,
             G_P=G_P,
@@ -784,7 +801,8 @@ def sparse_attention_triton(
             D_P=D_P,
             num_warps=4,
         )
-    return out.view(B, H, 1, d).to(q.dtype)
+    out = out.view(B, H, 1, d).to(q.dtype)
+    return (out, lse.view(B, H)) if return_lse else out
 
 
 # ----------------------------------------------------------------------------------------
@@ -813,11 +831,11 @@ def select_clusters(scores, sizes, budget: int, offsets=None):
     return select_clusters_ref(scores, sizes, budget, offsets)
 
 
-def sparse_attention(q, k, v, index, n_valid, scale: float):
+def sparse_attention(q, k, v, index, n_valid, scale: float, return_lse: bool = False):
     """Index-list decode attention (see :func:`sparse_attention_ref`): Triton on CUDA, else torch."""
     if _use_triton(q):
-        return sparse_attention_triton(q, k, v, index, n_valid, scale)
-    return sparse_attention_ref(q, k, v, index, n_valid, scale)
+        return sparse_attention_triton(q, k, v, index, n_valid, scale, return_lse=return_lse)
+    return sparse_attention_ref(q, k, v, index, n_valid, scale, return_lse)
 
 
 def kmeans(

@@ -70,6 +70,7 @@ class BenchConfig:
     window: int = 128
     tokens_per_cluster: int = 80
     kmeans_iters: int = 20
+    cluster_estimate_rest: bool = False
     # SubGen
     subgen_t: int = 4
     subgen_s: int = 256
@@ -226,7 +227,8 @@ def results_table(results: dict) -> str:
     lines.append(
         f"# shape: {s['heads']} query / {s['kv_heads']} kv heads, d={s['head_dim']}, {s['dtype']}; "
         f"kvdict s_k={s['s_k']} s_v={s['s_v']} N={s['n_atoms']} (random unit-norm dictionaries, per-pair key map); "
-        f"clusterkv budget={s['budget']} window={s['window']}; subgen t={s['subgen_t']} "
+        f"clusterkv budget={s['budget']} window={s['window']}"
+        f"{' estimate_rest' if s.get('cluster_estimate_rest') else ''}; subgen t={s['subgen_t']} "
         f"s={s['subgen_s']} window={s['subgen_window']} delta_rel={s['subgen_delta_rel']} "
         f"estimator={s.get('subgen_estimator', 'sampled')} "
         f"max_clusters={s.get('subgen_max_clusters')}"
@@ -480,6 +482,11 @@ def _names(ctx, param, value):
     default="sampled",
     show_default=True,
     help="SubGen estimator: the paper's sampling, or kvsurgery's cluster means.",
+)
+@click.option(
+    "--cluster-estimate-rest",
+    is_flag=True,
+    help="ClusterKV: unread cluster members as one pseudo-token per cluster (estimate_rest).",
 )
 @click.option(
     "--subgen-max-clusters",

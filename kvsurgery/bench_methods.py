@@ -256,7 +256,8 @@ def _clusterkv_layer(cfg: BenchConfig):
 
     return ClusterKVLayer(budget=cfg.budget, sinks=cfg.cluster_sinks, window=cfg.window,
                           tokens_per_cluster=cfg.tokens_per_cluster,
-                          kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)  # fmt: skip
+                          kmeans_iters=cfg.kmeans_iters, seed=cfg.seed,
+                          estimate_rest=cfg.cluster_estimate_rest)  # fmt: skip
 
 
 def _clusterkv_build(shape: Shape, cfg: BenchConfig, g) -> State:
@@ -275,8 +276,11 @@ def _clusterkv_reference(state: State, q):
     from .kernels.clusterkv import sparse_attention_ref
 
     layer = state.obj
-    index, n_valid = layer.select_tokens(q, state.extra["valid"])
-    out = sparse_attention_ref(q, layer.keys, layer.values, index, n_valid, q.shape[-1] ** -0.5)
+    scale = q.shape[-1] ** -0.5
+    index, n_valid, rest, scores = layer._select(q, state.extra["valid"], None)
+    out = sparse_attention_ref(q, layer.keys, layer.values, index, n_valid, scale, rest is not None)
+    if rest is not None:
+        out = layer._merge_rest(out, rest, scores, scale)
     return out.transpose(1, 2)
 
 
@@ -310,6 +314,7 @@ def _clusterkv_install(model, cfg: BenchConfig, g):
         "append_clusters": 8,
         "kmeans_iters": cfg.kmeans_iters,
         "seed": cfg.seed,
+        "estimate_rest": cfg.cluster_estimate_rest,
     }
     install(model, block, {})
 

@@ -285,6 +285,7 @@ def runtime_block(entry: dict) -> dict:
         "layers": layers,
         **{k: s[k] for k in SETTINGS},
         "offload": bool(s.get("offload", False)),
+        "estimate_rest": bool(s.get("estimate_rest", False)),
         "token_budget": s["budget"],
         "target_context": s["target_context"],
     }
@@ -313,6 +314,12 @@ def card_sections(block: dict, info, version: str) -> tuple[str, str]:
             f"| exact sinks / recent window | {block['sinks']} / {block['window']} tokens |",
             f"| new clusters | {block['append_clusters']} every {block['append_every']} tokens |",
             f"| full K/V offloaded to host memory | {'yes' if block.get('offload') else 'no'} |",
+            "| unread cluster members | "
+            + (
+                "estimated from centroid, size and mean value |"
+                if block.get("estimate_rest")
+                else "dropped |"
+            ),
         ]
     )
     return about, rows

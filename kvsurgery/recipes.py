@@ -170,6 +170,7 @@ class ClusterKVConfig:
     calibrate: bool = True  # False: the same settings for every layer, recall still reported
     allow_dense: bool = True  # the calibration may keep layers dense when that pays
     offload: bool = False  # full K/V in host memory, only the working set on the device
+    estimate_rest: bool = False  # unread cluster members as one pseudo-token per cluster
     dense: bool = False  # keep this layer uncompressed (per-layer override)
     seed: int = 0
 

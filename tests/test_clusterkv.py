@@ -6,6 +6,7 @@ must be set before that; if another test module imported triton first, the kerne
 re-run this file in a subprocess instead (``test_triton_suite_in_subprocess``).
 """
 
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -287,6 +288,18 @@ def test_sparse_ref_equals_dense_over_the_selection():
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_sparse_ref_lse_is_the_log_softmax_denominator():
+    q, k, v, idx, nv = attn_case(2, 6, 2, 40, 77, 50)
+    out, lse = ck.sparse_attention_ref(q, k, v, idx, nv, 0.3, return_lse=True)
+    torch.testing.assert_close(out, ck.sparse_attention_ref(q, k, v, idx, nv, 0.3))
+    for b in range(2):
+        for h in range(6):
+            sel = idx[b, h // 3, : nv[b, h // 3]]
+            logits = 0.3 * k[b, h // 3, sel] @ q[b, h, 0]
+            torch.testing.assert_close(lse[b, h], torch.logsumexp(logits, 0))  # -inf if empty
+    assert torch.isinf(lse[1, 3:]).all()  # the head that attends to nothing
+
+
 @needs_triton
 @pytest.mark.parametrize(
     "B,H,H_kv,d,T,n_sel,kw",
@@ -303,6 +316,9 @@ def test_sparse_triton_matches_ref(B, H, H_kv, d, T, n_sel, kw):
     out = ck.sparse_attention_triton(q, k, v, idx, nv, d**-0.5, **kw)
     assert out.shape == (B, H, 1, d)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    _, lse_ref = ck.sparse_attention_ref(q, k, v, idx, nv, d**-0.5, return_lse=True)
+    _, lse = ck.sparse_attention_triton(q, k, v, idx, nv, d**-0.5, return_lse=True, **kw)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
@@ -357,10 +373,11 @@ def decode(layer, k_new, v_new, q, mask=None):
     return layer.attend(q, am, q.shape[-1] ** -0.5)
 
 
-def test_layer_budget_covering_everything_equals_dense_with_padding():
+@pytest.mark.parametrize("estimate_rest", [False, True])  # nothing is left unread to estimate
+def test_layer_budget_covering_everything_equals_dense_with_padding(estimate_rest):
     g = gen(3)
     B, H, H_kv, d, T = 2, 4, 2, 16, 60
-    layer = ClusterKVLayer(budget=10**6, **LAYER_KW)
+    layer = ClusterKVLayer(budget=10**6, estimate_rest=estimate_rest, **LAYER_KW)
     k, v = fill(layer, B, H_kv, d, T)
     mask = torch.ones(B, T + 20, dtype=torch.bool)
     mask[1, :9] = False  # row 1 left-padded: in the sinks and in the clustered middle
@@ -415,14 +432,77 @@ def test_layer_small_budget_selects_top_clusters_and_never_padding():
     torch.testing.assert_close(out, want.transpose(1, 2), atol=0, rtol=0)
 
 
+def test_estimate_rest_is_a_softmax_over_read_tokens_and_one_pseudo_token_per_cluster():
+    """Each cluster's unread members count as one token: key its centroid with weight
+    ``unread`` (logit + log unread), value the mean of all its members' values."""
+    g = gen(12)
+    B, H, H_kv, d, T, budget = 2, 6, 2, 16, 90, 19  # 19: the last cluster read is truncated
+    layer = ClusterKVLayer(budget=budget, estimate_rest=True, **LAYER_KW)
+    k, v = fill(layer, B, H_kv, d, T, seed=12)
+    mask = torch.ones(B, T + 1, dtype=torch.bool)
+    mask[1, :7] = False
+    kn, vn = torch.randn(B, H_kv, 1, d, generator=g), torch.randn(B, H_kv, 1, d, generator=g)
+    q = torch.randn(B, H, 1, d, generator=g)
+    out = decode(layer, kn, vn, q, mask)
+    k, v = torch.cat([k, kn], 2), torch.cat([v, vn], 2)
+    index, n_valid = layer.select_tokens(q, mask[:, : layer.seen])
+    scale, grp = d**-0.5, H // H_kv
+    n_partial = 0
+    for b in range(B):
+        for h in range(H_kv):
+            read = set(index[b, h, : n_valid[b, h]].tolist())
+            keys, vals = [k[b, h, sorted(read)]], [v[b, h, sorted(read)]]
+            weights = [torch.zeros(len(read))]
+            for c in range(layer.n_clusters):
+                o, n = int(layer.offsets[b, h, c]), int(layer.sizes[b, h, c])
+                members = layer.sorted_ids[b, h, o : o + n].tolist()
+                unread = [t for t in members if t not in read]
+                if not unread:
+                    continue
+                n_partial += len(unread) < n
+                centroid = k[b, h, members].mean(0, keepdim=True)
+                keys.append(centroid)
+                vals.append(v[b, h, members].mean(0, keepdim=True))
+                weights.append(torch.tensor([math.log(len(unread))]))
+            kk, vv, w = torch.cat(keys), torch.cat(vals), torch.cat(weights)
+            for j in range(grp):
+                qj = q[b, h * grp + j, 0]
+                p = torch.softmax(kk @ qj * scale + w, 0)
+                torch.testing.assert_close(out[b, 0, h * grp + j], p @ vv, atol=2e-6, rtol=1e-5)
+    assert n_partial > 0  # a truncated cluster counts only its unread members
+
+
+def test_estimate_rest_recovers_what_the_budget_drops():
+    """Keys and values in tight clusters: the unread clusters' pseudo-tokens restore the
+    attention output that dropping them loses (dense attention is the reference)."""
+    g = gen(13)
+    B, H, H_kv, d, n_c, per = 1, 4, 2, 16, 24, 10
+    centers = 1.5 * torch.randn(H_kv, n_c, d, generator=g)
+    vcenters = torch.randn(H_kv, n_c, d, generator=g)
+    lab = torch.randint(0, n_c, (per * n_c,), generator=g)
+    k = (centers[:, lab] + 0.05 * torch.randn(H_kv, lab.numel(), d, generator=g))[None]
+    v = (vcenters[:, lab] + 0.05 * torch.randn(H_kv, lab.numel(), d, generator=g))[None]
+    q = 0.5 * torch.randn(B, H, 1, d, generator=g)
+    errs = []
+    for est in (False, True):
+        layer = ClusterKVLayer(budget=30, sinks=2, window=4, tokens_per_cluster=per,
+                               append_every=64, append_clusters=2, estimate_rest=est)  # fmt: skip
+        layer.update(k[:, :, :-1], v[:, :, :-1])
+        out = decode(layer, k[:, :, -1:], v[:, :, -1:], q).transpose(1, 2)
+        want = dense_attention(q, k, v, d**-0.5)
+        errs.append(float((out - want).norm() / want.norm()))
+    assert errs[1] < 0.25 * errs[0], errs
+
+
 @needs_triton
-def test_layer_with_triton_kernels_matches_reference(monkeypatch):
+@pytest.mark.parametrize("estimate_rest", [False, True])
+def test_layer_with_triton_kernels_matches_reference(monkeypatch, estimate_rest):
     g = gen(6)
     B, H, H_kv, d, T = 2, 6, 2, 16, 70
     outs = []
     for use_triton in (False, True):
         monkeypatch.setattr(ck, "_DISPATCH_CPU_TO_TRITON", use_triton)
-        layer = ClusterKVLayer(budget=13, kmeans_iters=3, **LAYER_KW)
+        layer = ClusterKVLayer(budget=13, kmeans_iters=3, estimate_rest=estimate_rest, **LAYER_KW)
         fill(layer, B, H_kv, d, T, seed=6)
         mask = torch.ones(B, T + 1, dtype=torch.bool)
         mask[1, :11] = False
@@ -662,7 +742,7 @@ for D, D_P in [(128, 128), (40, 64)]:
               idx_ptr="*i64", nv_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32"),
               dict(G_P=G_P, D=D, D_P=D_P, BLOCK_N=16), floats=("scale_log2e",))
         build(ck._sparse_attn_merge_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", o_ptr="*fp32",
-              out_ptr="*fp32"), dict(G=G, G_P=G_P, NS_P=16, D=D, D_P=D_P))
+              out_ptr="*fp32", lse_ptr="*fp32"), dict(G=G, G_P=G_P, NS_P=16, D=D, D_P=D_P))
 build(ck._cluster_rank_kernel, dict(score_ptr="*fp32", size_ptr="*i32", start_ptr="*i64"),
       dict(BLOCK_C=64, BLOCK_O=64))
 build(ck._cluster_expand_kernel, dict(start_ptr="*i64", size_ptr="*i32", off_ptr="*i32",

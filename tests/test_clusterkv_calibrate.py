@@ -53,6 +53,7 @@ def _one_thread():
         ({"append_clusters": 17}, "append_clusters"),
         ({"kmeans_iters": 0}, "kmeans_iters"),
         ({"offload": "yes"}, "offload"),
+        ({"estimate_rest": 1}, "estimate_rest"),
         ({"n_atoms": 4}, "n_atoms"),  # a KV-Dict key
         ({"layers": {"0": {"budget": 64}}}, "layers.0.budget"),  # not a per-layer key
     ],
@@ -191,15 +192,21 @@ def _generate(model, tok, cache=None, n=12):
     return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
-def test_budget_covering_the_context_equals_dense(tiny_llama_dir):
+@pytest.mark.parametrize("estimate_rest", [False, True])
+def test_budget_covering_the_context_equals_dense(tiny_llama_dir, estimate_rest):
     model, tok, _ = load_model(tiny_llama_dir)
     dense = _generate(model, tok)
-    recipe = recipe_from_dict({**RECIPE, "budget": 150, "tokens_per_cluster": 3})
+    recipe = recipe_from_dict(
+        {**RECIPE, "budget": 150, "tokens_per_cluster": 3, "estimate_rest": estimate_rest}
+    )
     apply_default(model, "clusterkv", recipe)
     model.set_attn_implementation(ATTN_NAME)
     cache = build_cache(model)
     assert _generate(model, tok, cache) == dense
     assert all(layer.segments and layer.n_clusters for layer in cache.layers)  # clusters read
+    # the recipe flag reaches the layers through the config block
+    assert all(layer.estimate_rest == estimate_rest for layer in cache.layers)
+    assert all(layer.vmeans.shape[-1] == (16 if estimate_rest else 0) for layer in cache.layers)
 
 
 def test_export_round_trip_in_a_fresh_process(calibrated, tiny_llama_dir):
@@ -223,7 +230,8 @@ def test_export_round_trip_in_a_fresh_process(calibrated, tiny_llama_dir):
 
 
 # -- offload ------------------------------------------------------------------------------
-def test_offload_equals_resident_and_keeps_only_the_working_set():
+@pytest.mark.parametrize("estimate_rest", [False, True])
+def test_offload_equals_resident_and_keeps_only_the_working_set(estimate_rest):
     g = torch.Generator().manual_seed(5)
     B, H, H_kv, d, T = 2, 6, 2, 16, 90
     kw = dict(
@@ -234,6 +242,7 @@ def test_offload_equals_resident_and_keeps_only_the_working_set():
         append_every=8,
         append_clusters=2,
         kmeans_iters=3,
+        estimate_rest=estimate_rest,  # cluster mean values summed on the host when offloading
     )
     plain, off = ClusterKVLayer(**kw), ClusterKVLayer(offload=True, **kw)
     k, v = torch.randn(B, H_kv, T, d, generator=g), torch.randn(B, H_kv, T, d, generator=g)
@@ -243,6 +252,7 @@ def test_offload_equals_resident_and_keeps_only_the_working_set():
         layer.update(k, v)
     assert off.device_tensors() == (
         "centroids",
+        "vmeans",
         "sizes",
         "offsets",
         "sorted_ids",
@@ -269,6 +279,7 @@ def test_offload_equals_resident_and_keeps_only_the_working_set():
             for layer in (plain, off):
                 layer.crop(-3)
     assert len(off.segments) >= 3 and off.h2d_bytes > before
+    assert off.vmeans.shape[2:] == ((off.n_clusters, d) if estimate_rest else (off.n_clusters, 0))
     assert off.nbytes() < plain.nbytes() and off.host_nbytes() > 0 == plain.host_nbytes()
     # the same query again: its working set is resident, nothing is copied
     q = torch.randn(B, H, 1, d, generator=g)

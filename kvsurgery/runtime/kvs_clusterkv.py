@@ -24,6 +24,17 @@ a query at position ``p``::
   the rest. A step therefore reads at most ``sinks + window + budget + 1`` tokens, the
   figure a sink+window cache of the same budget is compared with.
 
+With ``estimate_rest=True`` what the budget leaves out is not dropped: every cluster that
+is not read whole stands in for its unread members as one pseudo-token, key its centroid
+counted ``log(unread)`` times (logit ``scale * q.c + log(unread)``) and value the mean value
+of its members, merged into the same softmax (log-sum-exp) as the exact tokens. Attention
+mass on unselected clusters then moves the output toward their mean values instead of
+being renormalised onto the selection; reads ``C`` mean values more per step (the
+centroids are read for scoring anyway). ``exp(q.c)`` is at most the members' mean
+``exp(q.k)`` (Jensen): the unread mass is never overestimated. A correction for the
+clusters' spread (``q' Sigma q / 2``, isotropic, scaled down) lowered the attention-output
+error on calibration windows but raised SmolLM2's perplexity; it is not made.
+
 Steps of several queries after a past (teacher forcing, a question after a document,
 speculative verification; up to ``SPARSE_CHUNK`` queries) give each query its own
 selection, as if the tokens came one at a time; longer ones (chunked prefill) and the first
@@ -58,8 +69,9 @@ class ClusterKVLayer(CompressedLayer):
     State (allocated on first ``update``; every tensor has the batch dimension first):
       ``_k``/``_v`` ``(B, H_kv, capacity, d)`` all tokens, model dtype (``keys``/``values``
       are views of the first ``seen`` positions; on the host when offloading);
-      ``centroids`` ``(B, H_kv, C, d)`` fp32; ``sizes`` ``(B, H_kv, C)`` int32 members per
-      cluster; ``offsets`` ``(B, H_kv, C)`` int32 start of each cluster in
+      ``centroids`` ``(B, H_kv, C, d)`` fp32; ``vmeans`` ``(B, H_kv, C, dv)`` fp32 the
+      members' mean value (last dim 0 unless ``estimate_rest``); ``sizes`` ``(B, H_kv, C)``
+      int32 members per cluster; ``offsets`` ``(B, H_kv, C)`` int32 start of each cluster in
       ``sorted_ids`` ``(B, H_kv, N)`` int32 token positions ordered by cluster (cluster c
       occupies ``sorted_ids[..., offsets[c] : offsets[c] + sizes[c]]``);
       offload only: ``_res_k``/``_res_v`` ``(B, H_kv, R, d)`` the device-resident working
@@ -72,7 +84,8 @@ class ClusterKVLayer(CompressedLayer):
     tokens always exact; ``tokens_per_cluster`` sets the prefill cluster count
     (``ceil(n / tokens_per_cluster)``); ``append_every`` / ``append_clusters`` the
     incremental clustering; ``kmeans_iters`` and ``seed`` the k-means; ``offload`` keeps the
-    full K/V on the host.
+    full K/V on the host; ``estimate_rest`` adds the unread members of every cluster as
+    one pseudo-token (see the module docstring).
     """
 
     def __init__(
@@ -87,6 +100,7 @@ class ClusterKVLayer(CompressedLayer):
         kmeans_iters=20,
         seed=0,
         offload=False,
+        estimate_rest=False,
     ):
         super().__init__()
         self.budget, self.sinks, self.window = int(budget), int(sinks), int(window)
@@ -94,6 +108,7 @@ class ClusterKVLayer(CompressedLayer):
         self.append_every, self.append_clusters = int(append_every), int(append_clusters)
         self.kmeans_iters, self.seed = int(kmeans_iters), int(seed)
         self.offload_kv = bool(offload)
+        self.estimate_rest = bool(estimate_rest)
         for name in ("budget", "sinks", "window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ClusterKVLayer {name} must be >= 0, got {getattr(self, name)}")
@@ -115,6 +130,8 @@ class ClusterKVLayer(CompressedLayer):
         self._k = torch.zeros(b, h, 0, d, dtype=self.dtype, device=host)
         self._v = torch.zeros(b, h, 0, dv, dtype=value_states.dtype, device=host)
         self.centroids = torch.zeros(b, h, 0, d, dtype=torch.float32, device=self.device)
+        dm = dv if self.estimate_rest else 0
+        self.vmeans = torch.zeros(b, h, 0, dm, dtype=torch.float32, device=self.device)
         self.sizes = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
         self.offsets = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
         self.sorted_ids = torch.zeros(b, h, 0, dtype=torch.int32, device=self.device)
@@ -216,6 +233,7 @@ class ClusterKVLayer(CompressedLayer):
                 rows.append((slice(b, b + 1), pos, C, cent[None], lab[None]))
         c_new = max((r[2] for r in rows), default=0)
         cent_all = torch.zeros(B, H, c_new, d, dtype=torch.float32, device=dev)
+        vmean_all = torch.zeros(B, H, c_new, self.vmeans.shape[3], dtype=torch.float32, device=dev)
         sizes = torch.zeros(B, H, c_new, dtype=torch.int32, device=dev)
         offsets = torch.full((B, H, c_new), s0, dtype=torch.int32, device=dev)
         ids = torch.zeros(B, H, M, dtype=torch.int32, device=dev)
@@ -225,10 +243,17 @@ class ClusterKVLayer(CompressedLayer):
             cnt.scatter_add_(2, lab, torch.ones_like(lab))
             order = torch.sort(lab, dim=-1, stable=True).indices  # cluster by cluster
             cent_all[sel, :, :C] = cent
+            if self.estimate_rest:  # mean value per cluster, summed where the values live
+                vals = self._v[sel, :, t0:t1][:, :, pos.to(self._v.device)].float()
+                lv = lab.to(vals.device)[..., None].expand(*lab.shape, vals.shape[3])
+                vsum = torch.zeros(*lab.shape[:2], C, vals.shape[3], device=vals.device)
+                vsum.scatter_add_(2, lv, vals)
+                vmean_all[sel, :, :C] = vsum.to(dev) / cnt.clamp(min=1)[..., None]
             sizes[sel, :, :C] = cnt.to(torch.int32)
             offsets[sel, :, :C] = (s0 + torch.cumsum(cnt, -1) - cnt).to(torch.int32)
             ids[sel, :, :m] = (t0 + pos[order]).to(torch.int32)
         self.centroids = torch.cat([self.centroids, cent_all], dim=2)
+        self.vmeans = torch.cat([self.vmeans, vmean_all], dim=2)
         self.sizes = torch.cat([self.sizes, sizes], dim=2)
         self.offsets = torch.cat([self.offsets, offsets], dim=2)
         self.sorted_ids = torch.cat([self.sorted_ids, ids], dim=2)
@@ -266,6 +291,12 @@ class ClusterKVLayer(CompressedLayer):
         ``n_valid`` entries are the valid exact tokens (sinks, pending, window, current)
         followed by the valid selected cluster members; the rest is padding.
         """
+        return self._select(query, valid, pos)[:2]
+
+    def _select(self, query, valid, pos: int | None):
+        """:meth:`select_tokens` plus, with ``estimate_rest``, the unread members per
+        cluster ``(B, H_kv, C)`` int64 (None otherwise) and the centroid scores ``q.c``
+        ``(B, H_kv, C, g)`` fp32 of the group's query heads (None without clusters)."""
         B, H_kv, _, d = self._k.shape
         H = query.shape[1]
         g = H // H_kv
@@ -277,14 +308,19 @@ class ClusterKVLayer(CompressedLayer):
         ids = exact.expand(B, H_kv, E)
         ok = valid[:, exact][:, None].expand(B, H_kv, E)
         budget = self.select_budget(pos)
+        rest = scores = None
+        if self.n_clusters:
+            qg = query[:, :, 0].float().reshape(B, H_kv, g, d)
+            scores = torch.matmul(self.centroids, qg.transpose(-1, -2))  # (B, H_kv, C, g)
+            if self.estimate_rest:
+                rest = self.sizes.long()
         if self.n_clusters and budget:
             # GQA: score a cluster by the MAX over the group's query heads. Under softmax
             # a head's attention mass on a cluster is dominated by its largest logit, so
             # a cluster that one head needs must be kept even if another head's logits
             # for it are low (those get ~0 weight anyway); a sum would let such negative
             # logits cancel it. q.c = mean member logit, since c is the members' mean.
-            qg = query[:, :, 0].float().reshape(B, H_kv, g, d)
-            sc = torch.matmul(self.centroids, qg.transpose(-1, -2)).amax(-1)  # (B, H_kv, C)
+            sc = scores.amax(-1)  # (B, H_kv, C)
             sel, n_sel = select_clusters(
                 sc.reshape(B * H_kv, -1),
                 self.sizes.reshape(B * H_kv, -1),
@@ -294,6 +330,15 @@ class ClusterKVLayer(CompressedLayer):
             tok = self.sorted_ids.reshape(B * H_kv, -1).gather(1, sel).long()
             tok = tok.view(B, H_kv, budget)
             live = torch.arange(budget, device=dev) < n_sel.view(B, H_kv, 1)
+            if rest is not None:  # read members per cluster, from the slots of sorted_ids
+                mark = torch.zeros(
+                    B * H_kv, self.sorted_ids.shape[2] + 1, dtype=torch.long, device=dev
+                )
+                mark.scatter_add_(1, 1 + sel.long(), live.view(B * H_kv, budget).long())
+                cum = torch.cumsum(mark, 1)  # cum[:, j]: read slots before slot j
+                lo = self.offsets.reshape(B * H_kv, -1).long()
+                hi = lo + self.sizes.reshape(B * H_kv, -1).long()
+                rest = rest - (cum.gather(1, hi) - cum.gather(1, lo)).view_as(rest)
             # the current mask still applies (normally these tokens were valid when clustered)
             live = live & valid[:, None].expand(B, H_kv, self.seen).gather(2, tok)
             ids = torch.cat([ids, tok], dim=2)
@@ -303,7 +348,7 @@ class ClusterKVLayer(CompressedLayer):
         dest = torch.where(ok, torch.cumsum(ok.long(), dim=2) - 1, L)
         index = torch.zeros(B, H_kv, L + 1, dtype=torch.int64, device=dev)
         index.scatter_(2, dest, ids.long())
-        return index[:, :, :L], ok.sum(2)
+        return index[:, :, :L], ok.sum(2), rest, scores
 
     def _dense(self, query, allowed, scaling):
         """Exact attention over every token, fp32; fully masked rows give zeros."""
@@ -363,13 +408,40 @@ class ClusterKVLayer(CompressedLayer):
 
     def _attend_one(self, query, valid, pos, scaling):
         """``query`` ``(B, H, 1, d)`` at position ``pos`` with mask row ``valid`` ``(B, seen)``."""
-        index, n_valid = self.select_tokens(query, valid, pos)
+        index, n_valid, rest, scores = self._select(query, valid, pos)
+        lse = rest is not None
         if not self.offload_kv:
-            return sparse_attention(query, self.keys, self.values, index, n_valid, scaling)
-        kc, vc = self._recall(index, n_valid)
-        # same entries in the same order as without offload, so the same numbers
-        local = torch.arange(index.shape[2], device=index.device).expand_as(index)
-        return sparse_attention(query, kc, vc, local, n_valid, scaling)
+            out = sparse_attention(query, self.keys, self.values, index, n_valid, scaling, lse)
+        else:
+            kc, vc = self._recall(index, n_valid)
+            # same entries in the same order as without offload, so the same numbers
+            local = torch.arange(index.shape[2], device=index.device).expand_as(index)
+            out = sparse_attention(query, kc, vc, local, n_valid, scaling, lse)
+        return self._merge_rest(out, rest, scores, scaling) if lse else out
+
+    def _merge_rest(self, attended, rest, scores, scaling):
+        """Fold the unread cluster members into the attention output (``estimate_rest``).
+
+        ``attended`` ``((B, H, 1, dv), lse (B, H))`` from the exact tokens; every cluster
+        with ``rest > 0`` unread members is a pseudo-token of logit ``scaling * q.c +
+        log(rest)`` and value its mean value. Returns ``(B, H, 1, dv)`` in the query dtype.
+        """
+        out, lse = attended
+        B, H, _, dv = out.shape
+        H_kv, g = self.centroids.shape[1], scores.shape[3]
+        logit = scores.transpose(-1, -2) * scaling + torch.log(rest.float())[:, :, None]
+        lse_r = torch.logsumexp(logit, -1)  # (B, H_kv, g); -inf when nothing is unread
+        p = torch.exp(logit - torch.where(torch.isinf(lse_r), 0.0, lse_r)[..., None])
+        o_r = torch.matmul(p, self.vmeans)  # (B, H_kv, g, dv), normalised where lse_r > -inf
+        lse_a = lse.view(B, H_kv, g)
+        m = torch.maximum(lse_a, lse_r)
+        m = torch.where(torch.isinf(m), 0.0, m)
+        w_a, w_r = torch.exp(lse_a - m), torch.exp(lse_r - m)
+        den = w_a + w_r
+        den = torch.where(den > 0, den, 1.0)
+        o_a = out.float().view(B, H_kv, g, dv)
+        res = (w_a[..., None] * o_a + w_r[..., None] * o_r) / den[..., None]
+        return res.view(B, H, 1, dv).to(out.dtype)
 
     def attend(self, query, attention_mask, scaling):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
@@ -393,7 +465,15 @@ class ClusterKVLayer(CompressedLayer):
 
     # -- bookkeeping ------------------------------------------------------------------
     def _tensors(self):
-        return ("_k", "_v", "centroids", "sizes", "offsets", "sorted_ids") + self._resident()
+        return (
+            "_k",
+            "_v",
+            "centroids",
+            "vmeans",
+            "sizes",
+            "offsets",
+            "sorted_ids",
+        ) + self._resident()
 
     @staticmethod
     def _resident() -> tuple[str, ...]:
@@ -402,7 +482,13 @@ class ClusterKVLayer(CompressedLayer):
     def device_tensors(self) -> tuple[str, ...]:
         """Names of the state tensors held in device memory (with offload: all but the K/V)."""
         if self.offload_kv:
-            return ("centroids", "sizes", "offsets", "sorted_ids") + self._resident()
+            return (
+                "centroids",
+                "vmeans",
+                "sizes",
+                "offsets",
+                "sorted_ids",
+            ) + self._resident()
         return self._tensors()
 
     def nbytes(self) -> int:
@@ -451,6 +537,7 @@ class ClusterKVLayer(CompressedLayer):
         c_end = self.segments[-1][3] if self.segments else 0
         s_end = self.segments[-1][5] if self.segments else 0
         self.centroids = self.centroids[:, :, :c_end]
+        self.vmeans = self.vmeans[:, :, :c_end]
         self.sizes = self.sizes[:, :, :c_end]
         self.offsets = self.offsets[:, :, :c_end]
         self.sorted_ids = self.sorted_ids[:, :, :s_end]
@@ -476,7 +563,7 @@ BUFFERS: tuple[str, ...] = ()  # ClusterKV learns settings, not tensors
 # Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
 LAYER_KEYS = ("budget", "tokens_per_cluster")
 GLOBAL_KEYS = ("sinks", "window", "append_every", "append_clusters", "kmeans_iters", "seed")
-FLAG_KEYS = ("offload",)  # optional booleans of the block (default False)
+FLAG_KEYS = ("offload", "estimate_rest")  # optional booleans of the block (default False)
 
 
 def _setting(spec: dict, block: dict, key: str):
@@ -510,4 +597,5 @@ def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
 
 def make_layer(mod, spec: dict, block: dict) -> ClusterKVLayer:
     kw = {k: _setting(spec, block, k) for k in LAYER_KEYS + GLOBAL_KEYS}
-    return ClusterKVLayer(**kw, **{k: bool(block.get(k, False)) for k in FLAG_KEYS})
+    kw.update({k: bool(block.get(k, False)) for k in FLAG_KEYS})
+    return ClusterKVLayer(**kw)
