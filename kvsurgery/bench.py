@@ -451,6 +451,11 @@ def _names(ctx, param, value):
     "--kmeans-iters", type=int, default=20, show_default=True, help="ClusterKV k-means iterations."
 )
 @click.option(
+    "--cluster-estimate-rest",
+    is_flag=True,
+    help="ClusterKV: unread cluster members as one pseudo-token per cluster (estimate_rest).",
+)
+@click.option(
     "--subgen-t", type=int, default=4, show_default=True, help="SubGen key samples per cluster."
 )
 @click.option(
@@ -482,11 +487,6 @@ def _names(ctx, param, value):
     default="sampled",
     show_default=True,
     help="SubGen estimator: the paper's sampling, or kvsurgery's cluster means.",
-)
-@click.option(
-    "--cluster-estimate-rest",
-    is_flag=True,
-    help="ClusterKV: unread cluster members as one pseudo-token per cluster (estimate_rest).",
 )
 @click.option(
     "--subgen-max-clusters",
