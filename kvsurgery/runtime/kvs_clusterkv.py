@@ -464,16 +464,11 @@ class ClusterKVLayer(CompressedLayer):
         return out.transpose(1, 2).contiguous()
 
     # -- bookkeeping ------------------------------------------------------------------
+    # cluster state: always on the device, offloading or not
+    _CLUSTER_STATE = ("centroids", "vmeans", "sizes", "offsets", "sorted_ids")
+
     def _tensors(self):
-        return (
-            "_k",
-            "_v",
-            "centroids",
-            "vmeans",
-            "sizes",
-            "offsets",
-            "sorted_ids",
-        ) + self._resident()
+        return ("_k", "_v") + self._CLUSTER_STATE + self._resident()
 
     @staticmethod
     def _resident() -> tuple[str, ...]:
@@ -482,13 +477,7 @@ class ClusterKVLayer(CompressedLayer):
     def device_tensors(self) -> tuple[str, ...]:
         """Names of the state tensors held in device memory (with offload: all but the K/V)."""
         if self.offload_kv:
-            return (
-                "centroids",
-                "vmeans",
-                "sizes",
-                "offsets",
-                "sorted_ids",
-            ) + self._resident()
+            return self._CLUSTER_STATE + self._resident()
         return self._tensors()
 
     def nbytes(self) -> int:
