@@ -296,7 +296,8 @@ class ClusterKVLayer(CompressedLayer):
     def _select(self, query, valid, pos: int | None):
         """:meth:`select_tokens` plus, with ``estimate_rest``, the unread members per
         cluster ``(B, H_kv, C)`` int64 (None otherwise) and the centroid scores ``q.c``
-        ``(B, H_kv, C, g)`` fp32 of the group's query heads (None without clusters)."""
+        ``(B, H_kv, C, g)`` fp32 of the group's query heads (None when nothing uses them:
+        no clusters, or no budget left and no estimate)."""
         B, H_kv, _, d = self._k.shape
         H = query.shape[1]
         g = H // H_kv
@@ -309,7 +310,7 @@ class ClusterKVLayer(CompressedLayer):
         ok = valid[:, exact][:, None].expand(B, H_kv, E)
         budget = self.select_budget(pos)
         rest = scores = None
-        if self.n_clusters:
+        if self.n_clusters and (budget or self.estimate_rest):
             qg = query[:, :, 0].float().reshape(B, H_kv, g, d)
             scores = torch.matmul(self.centroids, qg.transpose(-1, -2))  # (B, H_kv, C, g)
             if self.estimate_rest:
@@ -586,5 +587,4 @@ def prepare_layer(i: int, mod, spec: dict, block: dict) -> None:
 
 def make_layer(mod, spec: dict, block: dict) -> ClusterKVLayer:
     kw = {k: _setting(spec, block, k) for k in LAYER_KEYS + GLOBAL_KEYS}
-    kw.update({k: bool(block.get(k, False)) for k in FLAG_KEYS})
-    return ClusterKVLayer(**kw)
+    return ClusterKVLayer(**kw, **{k: bool(block.get(k, False)) for k in FLAG_KEYS})
