@@ -71,6 +71,7 @@ class BenchConfig:
     tokens_per_cluster: int = 80
     kmeans_iters: int = 20
     cluster_estimate_rest: bool = False
+    cluster_spread_ranking: bool = False
     # SubGen
     subgen_t: int = 4
     subgen_s: int = 256
@@ -228,7 +229,8 @@ def results_table(results: dict) -> str:
         f"# shape: {s['heads']} query / {s['kv_heads']} kv heads, d={s['head_dim']}, {s['dtype']}; "
         f"kvdict s_k={s['s_k']} s_v={s['s_v']} N={s['n_atoms']} (random unit-norm dictionaries, per-pair key map); "
         f"clusterkv budget={s['budget']} window={s['window']}"
-        f"{' estimate_rest' if s.get('cluster_estimate_rest') else ''}; subgen t={s['subgen_t']} "
+        f"{' estimate_rest' if s.get('cluster_estimate_rest') else ''}"
+        f"{' spread_ranking' if s.get('cluster_spread_ranking') else ''}; subgen t={s['subgen_t']} "
         f"s={s['subgen_s']} window={s['subgen_window']} delta_rel={s['subgen_delta_rel']} "
         f"estimator={s.get('subgen_estimator', 'sampled')} "
         f"max_clusters={s.get('subgen_max_clusters')}"
@@ -454,6 +456,11 @@ def _names(ctx, param, value):
     "--cluster-estimate-rest",
     is_flag=True,
     help="ClusterKV: unread cluster members as one pseudo-token per cluster (estimate_rest).",
+)
+@click.option(
+    "--cluster-spread-ranking",
+    is_flag=True,
+    help="ClusterKV: rank clusters with their key spread as well as the centroid (spread_ranking).",
 )
 @click.option(
     "--subgen-t", type=int, default=4, show_default=True, help="SubGen key samples per cluster."

@@ -257,7 +257,8 @@ def _clusterkv_layer(cfg: BenchConfig):
     return ClusterKVLayer(budget=cfg.budget, sinks=cfg.cluster_sinks, window=cfg.window,
                           tokens_per_cluster=cfg.tokens_per_cluster,
                           kmeans_iters=cfg.kmeans_iters, seed=cfg.seed,
-                          estimate_rest=cfg.cluster_estimate_rest)  # fmt: skip
+                          estimate_rest=cfg.cluster_estimate_rest,
+                          spread_ranking=cfg.cluster_spread_ranking)  # fmt: skip
 
 
 def _clusterkv_build(shape: Shape, cfg: BenchConfig, g) -> State:
@@ -277,7 +278,7 @@ def _clusterkv_reference(state: State, q):
 
     layer = state.obj
     scale = q.shape[-1] ** -0.5
-    index, n_valid, rest, scores = layer._select(q, state.extra["valid"], None)
+    index, n_valid, rest, scores = layer._select(q, state.extra["valid"], None, scale)
     out = sparse_attention_ref(q, layer.keys, layer.values, index, n_valid, scale, rest is not None)
     if rest is not None:
         out = layer._merge_rest(out, rest, scores, scale)
@@ -315,6 +316,7 @@ def _clusterkv_install(model, cfg: BenchConfig, g):
         "kmeans_iters": cfg.kmeans_iters,
         "seed": cfg.seed,
         "estimate_rest": cfg.cluster_estimate_rest,
+        "spread_ranking": cfg.cluster_spread_ranking,
     }
     install(model, block, {})
 

@@ -153,6 +153,7 @@ def calibrate_clusterkv(calib_dir, recipe: Recipe, dims: dict, progress: bool = 
                         seed=cfg.seed,
                         scaling=dims["head_dim"] ** -0.5,
                         scale=n_calib / n_target,
+                        spread=cfg.spread_ranking,
                     )
                     for keys, q, pos in seqs
                 ]
@@ -286,6 +287,7 @@ def runtime_block(entry: dict) -> dict:
         **{k: s[k] for k in SETTINGS},
         "offload": bool(s.get("offload", False)),
         "estimate_rest": bool(s.get("estimate_rest", False)),
+        "spread_ranking": bool(s.get("spread_ranking", False)),
         "token_budget": s["budget"],
         "target_context": s["target_context"],
     }
@@ -319,6 +321,12 @@ def card_sections(block: dict, info, version: str) -> tuple[str, str]:
                 "estimated from centroid, size and mean value |"
                 if block.get("estimate_rest")
                 else "dropped |"
+            ),
+            "| cluster ranking | "
+            + (
+                "centroid logit + key spread along the query |"
+                if block.get("spread_ranking")
+                else "centroid logit |"
             ),
         ]
     )

@@ -6,7 +6,8 @@ for a decode that starts after a prefill of ``prefill`` tokens: the keys between
 and the recent window are clustered (the same k-means), a query at position ``p`` reads the
 sinks and ``[prefill - window, p]`` exactly, and fills what its budget leaves after the
 pending tokens ``p - prefill`` with whole clusters in descending ``max_g q_g . c`` order
-(the last one truncated, members in position order). Recall = the share of the query's
+(the last one truncated, members in position order; with ``spread`` the order adds the
+members' key spread, ``scale / 2 * q^2 . var``, as the runtime's ``spread_ranking``). Recall = the share of the query's
 full causal softmax attention that falls on the tokens read.
 """
 
@@ -34,6 +35,7 @@ def selection_recall(
     seed: int = 0,
     scaling: float | None = None,
     scale: float = 1.0,
+    spread: bool = False,
 ) -> torch.Tensor:
     """Mean recall of one sequence at each budget.
 
@@ -45,6 +47,8 @@ def selection_recall(
         budgets: the runtime ``budget`` values (tokens read besides sinks and window).
         scale: selected tokens are ``round((budget - pending) * scale)``: a budget meant for
             a longer context than this sequence's gets the same share of the clustered part.
+        spread: rank clusters by ``q.c + scaling / 2 * sum_j q_j^2 var_j`` (``var`` the
+            members' per-channel key variance) as the runtime does with ``spread_ranking``.
 
     Returns:
         ``(len(budgets),)`` fp32: recall averaged over queries and query heads.
@@ -70,9 +74,16 @@ def selection_recall(
     C = -(-N // tokens_per_cluster)
     cent, lab = kmeans(k[:, t0:t1], C, iters, seed)  # (H_kv, C, d), (H_kv, N)
     # selection order of the clusters per (kv head, query): max score over the group
-    sc = torch.einsum("hgqd,hcd->hgqc", q.view(H_kv, g, Q, d), cent).amax(1)  # (H_kv, Q, C)
-    order = torch.sort(sc, dim=-1, descending=True, stable=True).indices
+    qh = q.view(H_kv, g, Q, d)
+    sc = torch.einsum("hgqd,hcd->hgqc", qh, cent)
     sizes = torch.zeros(H_kv, C, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
+    if spread:
+        xs = k[:, t0:t1]
+        sq = torch.zeros(H_kv, C, d).scatter_add_(1, lab[..., None].expand(H_kv, N, d), xs * xs)
+        var = (sq / sizes.clamp(min=1)[..., None] - cent * cent).clamp(min=0)
+        sc = sc + (0.5 * scaling) * torch.einsum("hgqd,hcd->hgqc", qh * qh, var)
+    sc = sc.amax(1)  # (H_kv, Q, C)
+    order = torch.sort(sc, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(2, order, torch.arange(C).expand_as(order))
     sz_ranked = sizes[:, None, :].expand(H_kv, Q, C).gather(2, order)
     start_ranked = torch.cumsum(sz_ranked, -1) - sz_ranked  # first slot of each ranked cluster

@@ -171,6 +171,7 @@ class ClusterKVConfig:
     allow_dense: bool = True  # the calibration may keep layers dense when that pays
     offload: bool = False  # full K/V in host memory, only the working set on the device
     estimate_rest: bool = False  # unread cluster members as one pseudo-token per cluster
+    spread_ranking: bool = False  # rank clusters by centroid logit + key spread along q
     dense: bool = False  # keep this layer uncompressed (per-layer override)
     seed: int = 0
 

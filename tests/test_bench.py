@@ -175,13 +175,15 @@ def test_subgen_mean_estimator_row(tmp_path):
     assert cell["cache_bytes"] < dense["cache_bytes"] * 0.15
 
 
-def test_clusterkv_estimate_rest_row(tmp_path):
+def test_clusterkv_estimate_rest_and_spread_ranking_row(tmp_path):
     out = tmp_path / "b.json"
     res = _run([*TINY, "--methods", "clusterkv", "--contexts", "512", "--batch", "2",
-                "--cluster-estimate-rest", "--no-prefill", "--out", str(out)])  # fmt: skip
+                "--cluster-estimate-rest", "--cluster-spread-ranking", "--no-prefill",
+                "--out", str(out)])  # fmt: skip
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     assert r["settings"]["cluster_estimate_rest"] is True and "estimate_rest" in res.output
+    assert r["settings"]["cluster_spread_ranking"] is True and "spread_ranking" in res.output
     cell = next(x for x in r["decode"] if x["method"] == "clusterkv")
     assert cell["rel_err_vs_fp32_ref"] < 1e-4  # the reference merges the estimate too
     assert cell["clusters"] > 1

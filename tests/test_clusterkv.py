@@ -494,15 +494,88 @@ def test_estimate_rest_recovers_what_the_budget_drops():
     assert errs[1] < 0.25 * errs[0], errs
 
 
+def test_spread_ranking_is_centroid_logit_plus_half_the_member_logit_variance():
+    """``spread_ranking`` ranks a cluster by ``q.c + scale/2 * sum_j q_j^2 var_j`` (max over
+    the group), with ``var`` the members' per-channel key variance."""
+    g = gen(21)
+    B, H, H_kv, d, T, budget = 2, 6, 2, 16, 90, 19
+    layer = ClusterKVLayer(budget=budget, spread_ranking=True, **LAYER_KW)
+    k, v = fill(layer, B, H_kv, d, T, seed=21)
+    mask = torch.ones(B, T + 1, dtype=torch.bool)
+    mask[1, :9] = False
+    decode(layer, k[:, :, :1], v[:, :, :1], torch.randn(B, H, 1, d, generator=g), mask)
+    k = torch.cat([k, k[:, :, :1]], 2)
+    q = torch.randn(B, H, 1, d, generator=g)
+    valid = mask[:, : layer.seen]
+    index, n_valid = layer.select_tokens(q, valid, scaling=0.3)
+    exact = set(range(4)) | set(range(layer.clustered_end, layer.seen))
+    for b in range(B):
+        for h in range(H_kv):
+            sc = []
+            for c in range(layer.n_clusters):
+                o, n = int(layer.offsets[b, h, c]), int(layer.sizes[b, h, c])
+                members = k[b, h, layer.sorted_ids[b, h, o : o + n].long()]
+                if n == 0:
+                    sc.append(float("-inf"))
+                    continue
+                var = members.var(0, unbiased=False)
+                torch.testing.assert_close(layer.kvars[b, h, c], var, atol=1e-5, rtol=1e-4)
+                qg = q[b, 3 * h : 3 * h + 3, 0]
+                sc.append(float((qg @ members.mean(0) + 0.15 * (qg * qg) @ var).max()))
+            sizes, offs = layer.sizes[b, h], layer.offsets[b, h]
+            idx, _ = ck.select_clusters_ref(torch.tensor([sc]), sizes[None], budget, offs[None])
+            got = [t for t in index[b, h, : n_valid[b, h]].tolist() if t not in exact]
+            assert got == layer.sorted_ids[b, h][idx[0]].tolist()
+
+
+def test_spread_ranking_finds_the_cluster_holding_a_lone_matching_key():
+    """Cluster Y: ten keys at logit 2. Cluster X: nine at logit 0 and one (the needle) at 8,
+    so X's mean logit (0.8) is below Y's but X holds most of the attention. With a budget of
+    one cluster the centroid ranking reads Y, the spread ranking X."""
+    g = gen(22)
+    d, per, beta, scale = 16, 10, 16.0, 0.25
+    centers = torch.randn(6, d, generator=g)
+    centers[:, 0] = 0
+    centers = 4 * centers / centers.norm(dim=1, keepdim=True)  # logit 0, far apart in cosine
+    centers[1, 0] = 0.5  # cluster Y: logit scale * beta * 0.5 = 2
+    lab = torch.arange(6).repeat_interleave(per)[torch.randperm(6 * per, generator=g)]
+    keys = centers[lab] + 0.02 * torch.randn(6 * per, d, generator=g)
+    needle = int((lab == 0).nonzero()[0])
+    keys[needle, 0] = 2.0  # logit 8, still closest (cosine) to cluster X's center
+    k = torch.cat([torch.randn(1, d, generator=g), keys, torch.randn(3, d, generator=g)])
+    v = torch.randn(k.shape[0], d, generator=g)
+    q = torch.zeros(1, 1, 1, d)
+    q[..., 0] = beta
+    picked, errs = [], []
+    for spread in (False, True):
+        layer = ClusterKVLayer(budget=per, sinks=1, window=2, tokens_per_cluster=per, seed=4,
+                               append_every=64, append_clusters=2, spread_ranking=spread)  # fmt: skip
+        layer.update(k[None, None, :-1], v[None, None, :-1])
+        out = decode(layer, k[None, None, -1:], v[None, None, -1:], q)
+        labels = lab[layer.sorted_ids[0, 0].long() - 1]
+        # seed 4: a k-means initialisation that finds the six blobs (most split one)
+        spans = zip(layer.offsets[0, 0].tolist(), layer.sizes[0, 0].tolist(), strict=True)
+        assert all(len(set(labels[o : o + n].tolist())) == 1 for o, n in spans)
+        index, n_valid = layer.select_tokens(q, torch.ones(1, layer.seen, dtype=torch.bool))
+        picked.append(set(index[0, 0, : n_valid[0, 0]].tolist()))
+        want = dense_attention(q, k[None, None], v[None, None], scale)
+        errs.append(float((out.transpose(1, 2) - want).norm() / want.norm()))
+    y_tok = {1 + i for i in (lab == 1).nonzero().flatten().tolist()}
+    assert y_tok <= picked[0] and 1 + needle not in picked[0]
+    assert 1 + needle in picked[1] and not y_tok & picked[1]
+    assert errs[1] < 0.1 * errs[0], errs
+
+
 @needs_triton
-@pytest.mark.parametrize("estimate_rest", [False, True])
-def test_layer_with_triton_kernels_matches_reference(monkeypatch, estimate_rest):
+@pytest.mark.parametrize("flag", [None, "estimate_rest", "spread_ranking"])
+def test_layer_with_triton_kernels_matches_reference(monkeypatch, flag):
     g = gen(6)
     B, H, H_kv, d, T = 2, 6, 2, 16, 70
     outs = []
     for use_triton in (False, True):
         monkeypatch.setattr(ck, "_DISPATCH_CPU_TO_TRITON", use_triton)
-        layer = ClusterKVLayer(budget=13, kmeans_iters=3, estimate_rest=estimate_rest, **LAYER_KW)
+        flags = {flag: True} if flag else {}
+        layer = ClusterKVLayer(budget=13, kmeans_iters=3, **flags, **LAYER_KW)
         fill(layer, B, H_kv, d, T, seed=6)
         mask = torch.ones(B, T + 1, dtype=torch.bool)
         mask[1, :11] = False
@@ -551,22 +624,22 @@ def test_layer_multi_query_step_reads_like_single_steps_and_causal_default():
 def test_layer_crop_reorder_memory():
     g = gen(11)
     B, H, H_kv, d, T = 2, 4, 2, 16, 60
-    layer = ClusterKVLayer(budget=10**6, **LAYER_KW)
+    layer = ClusterKVLayer(budget=10**6, spread_ranking=True, **LAYER_KW)
     k, v = fill(layer, B, H_kv, d, T, seed=11)
     for _ in range(14):
         kn = torch.randn(B, H_kv, 1, d, generator=g)
         k, v = torch.cat([k, kn], 2), torch.cat([v, kn], 2)
         decode(layer, kn, kn, torch.randn(B, H, 1, d, generator=g))
     assert [s[:2] for s in layer.segments] == [(4, 52), (52, 58), (58, 64)]
-    # memory: full K/V in blocks + metadata, measured
+    # memory: full K/V in blocks + metadata (centroids, key variances, sizes, offsets, ids)
     C, N = layer.n_clusters, layer.sorted_ids.shape[2]
     cap = -(-74 // KV_BLOCK) * KV_BLOCK
-    want = 2 * B * H_kv * cap * d * 4 + B * H_kv * (C * d * 4 + 2 * C * 4 + N * 4)
+    want = 2 * B * H_kv * cap * d * 4 + B * H_kv * (2 * C * d * 4 + 2 * C * 4 + N * 4)
     assert layer.nbytes() == want
     # crop 8: the new window reaches into (58, 64): that segment goes, (52, 58) stays
     layer.crop(-8)
     assert layer.get_seq_length() == 66 and [s[:2] for s in layer.segments] == [(4, 52), (52, 58)]
-    assert layer.n_clusters == layer.sizes.shape[2] == layer.segments[-1][3]
+    assert layer.n_clusters == layer.sizes.shape[2] == layer.kvars.shape[2] == layer.segments[-1][3]
     assert layer.sorted_ids.shape[2] == 54 and layer.keys.shape[2] == 66
     q = torch.randn(B, H, 1, d, generator=g)
     kn = torch.randn(B, H_kv, 1, d, generator=g)

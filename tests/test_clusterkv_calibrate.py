@@ -54,6 +54,7 @@ def _one_thread():
         ({"kmeans_iters": 0}, "kmeans_iters"),
         ({"offload": "yes"}, "offload"),
         ({"estimate_rest": 1}, "estimate_rest"),
+        ({"spread_ranking": "yes"}, "spread_ranking"),
         ({"n_atoms": 4}, "n_atoms"),  # a KV-Dict key
         ({"layers": {"0": {"budget": 64}}}, "layers.0.budget"),  # not a per-layer key
     ],
@@ -81,7 +82,8 @@ def test_no_queries_refused_before_model_load(tmp_path):
 
 
 # -- maths --------------------------------------------------------------------------------
-def test_selection_recall_replays_the_runtime_selection():
+@pytest.mark.parametrize("spread", [False, True])
+def test_selection_recall_replays_the_runtime_selection(spread):
     g = torch.Generator().manual_seed(0)
     H_kv, grp, T, d, P = 2, 3, 90, 16, 66
     k = torch.randn(H_kv, T, d, generator=g)
@@ -89,10 +91,13 @@ def test_selection_recall_replays_the_runtime_selection():
     kw = dict(sinks=3, window=6, tokens_per_cluster=5)
     budgets = [0, 7, 25, 1000]
     got = selection_recall(
-        k, q[:, P:], torch.arange(P, T), prefill=P, budgets=budgets, iters=4, seed=0, **kw
-    )
+        k, q[:, P:], torch.arange(P, T), prefill=P, budgets=budgets, iters=4, seed=0,
+        spread=spread, **kw,
+    )  # fmt: skip
     for b, r in zip(budgets, got, strict=True):
-        layer = ClusterKVLayer(budget=b, append_every=10**6, kmeans_iters=4, **kw)
+        layer = ClusterKVLayer(
+            budget=b, append_every=10**6, kmeans_iters=4, spread_ranking=spread, **kw
+        )
         layer.update(k[None, :, :P], k[None, :, :P])
         mass = []
         for p in range(P, T):
@@ -192,13 +197,12 @@ def _generate(model, tok, cache=None, n=12):
     return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("estimate_rest", [False, True])
-def test_budget_covering_the_context_equals_dense(tiny_llama_dir, estimate_rest):
+@pytest.mark.parametrize("estimate_rest, spread", [(False, False), (True, False), (False, True)])
+def test_budget_covering_the_context_equals_dense(tiny_llama_dir, estimate_rest, spread):
     model, tok, _ = load_model(tiny_llama_dir)
     dense = _generate(model, tok)
-    recipe = recipe_from_dict(
-        {**RECIPE, "budget": 150, "tokens_per_cluster": 3, "estimate_rest": estimate_rest}
-    )
+    flags = {"estimate_rest": estimate_rest, "spread_ranking": spread}
+    recipe = recipe_from_dict({**RECIPE, "budget": 150, "tokens_per_cluster": 3, **flags})
     apply_default(model, "clusterkv", recipe)
     model.set_attn_implementation(ATTN_NAME)
     cache = build_cache(model)
@@ -207,6 +211,8 @@ def test_budget_covering_the_context_equals_dense(tiny_llama_dir, estimate_rest)
     # the recipe flag reaches the layers through the config block
     assert all(layer.estimate_rest == estimate_rest for layer in cache.layers)
     assert all(layer.vmeans.shape[-1] == (16 if estimate_rest else 0) for layer in cache.layers)
+    assert all(layer.spread_ranking == spread for layer in cache.layers)
+    assert all(layer.kvars.shape[-1] == (16 if spread else 0) for layer in cache.layers)
 
 
 def test_export_round_trip_in_a_fresh_process(calibrated, tiny_llama_dir):
@@ -214,6 +220,7 @@ def test_export_round_trip_in_a_fresh_process(calibrated, tiny_llama_dir):
     out = export(tmp / "cal", tmp / "exp", method="clusterkv", loaded=load_model(tiny_llama_dir))
     block = json.loads((out / "config.json").read_text())["kvsurgery"]
     assert block["method"] == "clusterkv" and block["offload"] is False
+    assert block["estimate_rest"] is False and block["spread_ranking"] is False
     assert [set(p) for p in block["layers"]] == [{"budget", "tokens_per_cluster"}] * 2
     assert "ClusterKV" in (out / "README.md").read_text()
     report = inspect_checkpoint(out)
@@ -232,6 +239,7 @@ def test_export_round_trip_in_a_fresh_process(calibrated, tiny_llama_dir):
 # -- offload ------------------------------------------------------------------------------
 @pytest.mark.parametrize("estimate_rest", [False, True])
 def test_offload_equals_resident_and_keeps_only_the_working_set(estimate_rest):
+    # estimate_rest: cluster mean values summed on the host; both: key variances (ranking)
     g = torch.Generator().manual_seed(5)
     B, H, H_kv, d, T = 2, 6, 2, 16, 90
     kw = dict(
@@ -242,7 +250,8 @@ def test_offload_equals_resident_and_keeps_only_the_working_set(estimate_rest):
         append_every=8,
         append_clusters=2,
         kmeans_iters=3,
-        estimate_rest=estimate_rest,  # cluster mean values summed on the host when offloading
+        estimate_rest=estimate_rest,
+        spread_ranking=estimate_rest,
     )
     plain, off = ClusterKVLayer(**kw), ClusterKVLayer(offload=True, **kw)
     k, v = torch.randn(B, H_kv, T, d, generator=g), torch.randn(B, H_kv, T, d, generator=g)
@@ -253,6 +262,7 @@ def test_offload_equals_resident_and_keeps_only_the_working_set(estimate_rest):
     assert off.device_tensors() == (
         "centroids",
         "vmeans",
+        "kvars",
         "sizes",
         "offsets",
         "sorted_ids",
@@ -280,6 +290,7 @@ def test_offload_equals_resident_and_keeps_only_the_working_set(estimate_rest):
                 layer.crop(-3)
     assert len(off.segments) >= 3 and off.h2d_bytes > before
     assert off.vmeans.shape[2:] == ((off.n_clusters, d) if estimate_rest else (off.n_clusters, 0))
+    assert off.kvars.shape[2:] == off.vmeans.shape[2:]
     assert off.nbytes() < plain.nbytes() and off.host_nbytes() > 0 == plain.host_nbytes()
     # the same query again: its working set is resident, nothing is copied
     q = torch.randn(B, H, 1, d, generator=g)
