@@ -7,7 +7,8 @@
 #
 # Usage:  scripts/bench_gpu.sh [more `kvsurgery bench` options, e.g. --contexts 8k,32k]
 # Env:    OUT    output folder (default runs/bench-gpu): bench.json, bench.png (when
-#                matplotlib is installed), table.txt, bench.log, env.txt
+#                matplotlib is installed), table.txt, bench.log, env.txt, and
+#                clusterkv-spread-ranking{,-estimate-rest}.{json,txt} (ClusterKV's options)
 #         MODEL  local model folder / cached alias for the generate run (default: skipped)
 #         PYTHON interpreter (default python); torch, transformers and triton must be there.
 # Needs nothing from the network: the repo is installed in place with --no-deps, or, when
@@ -55,4 +56,12 @@ if [[ -n "${MODEL:-}" ]]; then
 fi
 # progress goes to stderr (and bench.log); the tables, printed last, to stdout and table.txt
 "$PY" -m kvsurgery.cli bench "${args[@]}" "$@" 2> >(tee "$OUT/bench.log" >&2) | tee "$OUT/table.txt"
+# ClusterKV as the recipes ship it (spread_ranking: one more C x d product per step), and
+# with estimate_rest: decode only, same contexts and shape
+for flags in --cluster-spread-ranking "--cluster-spread-ranking --cluster-estimate-rest"; do
+  name=clusterkv$(echo "$flags" | sed 's/--cluster//g; s/ //g')
+  # shellcheck disable=SC2086
+  "$PY" -m kvsurgery.cli bench "$@" --methods clusterkv $flags --no-prefill \
+    --out "$OUT/$name.json" 2>>"$OUT/bench.log" | tee "$OUT/$name.txt"
+done
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')" >&2
