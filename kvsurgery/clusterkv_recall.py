@@ -6,9 +6,10 @@ for a decode that starts after a prefill of ``prefill`` tokens: the keys between
 and the recent window are clustered (the same k-means), a query at position ``p`` reads the
 sinks and ``[prefill - window, p]`` exactly, and fills what its budget leaves after the
 pending tokens ``p - prefill`` with whole clusters in descending ``max_g q_g . c`` order
-(the last one truncated, members in position order; with ``spread`` the order adds the
-members' key spread, ``scale / 2 * q^2 . var``, as the runtime's ``spread_ranking``). Recall = the share of the query's
-full causal softmax attention that falls on the tokens read.
+(the last one truncated, members in position order; with ``spread`` the score adds the
+members' key spread ``scale / 2 * q^2 . var``, as the runtime's ``spread_ranking`` does).
+Recall = the share of the query's full causal softmax attention that falls on the tokens
+read.
 """
 
 from __future__ import annotations

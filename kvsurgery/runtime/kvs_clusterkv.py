@@ -586,11 +586,8 @@ BUFFERS: tuple[str, ...] = ()  # ClusterKV learns settings, not tensors
 # Settings a layer spec may carry (calibrated per layer); the block's globals fill the rest.
 LAYER_KEYS = ("budget", "tokens_per_cluster")
 GLOBAL_KEYS = ("sinks", "window", "append_every", "append_clusters", "kmeans_iters", "seed")
-FLAG_KEYS = (
-    "offload",
-    "estimate_rest",
-    "spread_ranking",
-)  # optional booleans of the block (default False)
+# optional booleans of the block (default False)
+FLAG_KEYS = ("offload", "estimate_rest", "spread_ranking")
 
 
 def _setting(spec: dict, block: dict, key: str):
