@@ -56,7 +56,7 @@ if [[ -n "${MODEL:-}" ]]; then
 fi
 # progress goes to stderr (and bench.log); the tables, printed last, to stdout and table.txt
 "$PY" -m kvsurgery.cli bench "${args[@]}" "$@" 2> >(tee "$OUT/bench.log" >&2) | tee "$OUT/table.txt"
-# ClusterKV as the recipes ship it (spread_ranking: one more C x d product per step), and
+# ClusterKV as recipes/clusterkv.yaml ships it (spread_ranking: one more C x d product per step), and
 # with estimate_rest: decode only, same contexts and shape
 for flags in --cluster-spread-ranking "--cluster-spread-ranking --cluster-estimate-rest"; do
   name=clusterkv$(echo "$flags" | sed 's/--cluster//g; s/ //g')
