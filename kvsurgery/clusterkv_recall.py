@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .kernels.clusterkv import kmeans
+from .kernels.clusterkv import kmeans, kmeans_update
 
 
 @torch.no_grad()
@@ -80,8 +80,7 @@ def selection_recall(
     sizes = torch.zeros(H_kv, C, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
     if spread:
         xs = k[:, t0:t1]
-        sq = torch.zeros(H_kv, C, d).scatter_add_(1, lab[..., None].expand(H_kv, N, d), xs * xs)
-        var = (sq / sizes.clamp(min=1)[..., None] - cent * cent).clamp(min=0)
+        var = (kmeans_update(xs * xs, lab, C)[0] - cent * cent).clamp(min=0)
         sc = sc + (0.5 * scaling) * torch.einsum("hgqd,hcd->hgqc", qh * qh, var)
     sc = sc.amax(1)  # (H_kv, Q, C)
     order = torch.sort(sc, dim=-1, descending=True, stable=True).indices

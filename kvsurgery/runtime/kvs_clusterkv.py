@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.clusterkv import kmeans, select_clusters, sparse_attention
+from ..kernels.clusterkv import kmeans, kmeans_update, select_clusters, sparse_attention
 from .kvs_layer import CompressedLayer
 
 # K/V storage grows by blocks of this many tokens: one reallocation per block keeps
@@ -263,16 +263,11 @@ class ClusterKVLayer(CompressedLayer):
             order = torch.sort(lab, dim=-1, stable=True).indices  # cluster by cluster
             cent_all[sel, :, :C] = cent
             if self.estimate_rest:  # mean value per cluster, summed where the values live
-                vals = self._v[sel, :, t0:t1][:, :, pos.to(self._v.device)].float()
-                lv = lab.to(vals.device)[..., None].expand(*lab.shape, vals.shape[3])
-                vsum = torch.zeros(*lab.shape[:2], C, vals.shape[3], device=vals.device)
-                vsum.scatter_add_(2, lv, vals)
-                vmean_all[sel, :, :C] = vsum.to(dev) / cnt.clamp(min=1)[..., None]
+                vals = self._v[sel, :, t0:t1][:, :, pos.to(self._v.device)]
+                vmean_all[sel, :, :C] = _member_means(vals, lab.to(vals.device), C).to(dev)
             if self.spread_ranking:  # E[k^2] - c^2: the centroids are the members' means
                 kf = keys[sel][:, :, pos].float()
-                sq = torch.zeros(*lab.shape[:2], C, d, device=dev)
-                sq.scatter_add_(2, lab[..., None].expand(*lab.shape, d), kf * kf)
-                var = sq / cnt.clamp(min=1)[..., None] - cent * cent
+                var = _member_means(kf * kf, lab, C) - cent * cent
                 kvar_all[sel, :, :C] = var.clamp(min=0)
             sizes[sel, :, :C] = cnt.to(torch.int32)
             offsets[sel, :, :C] = (s0 + torch.cumsum(cnt, -1) - cnt).to(torch.int32)
@@ -579,6 +574,14 @@ class ClusterKVLayer(CompressedLayer):
         self.segments = []
         self.h2d_bytes = 0
         self.keys = self.values = None
+
+
+def _member_means(x: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """``(B, H, C, e)`` fp32 mean of ``x`` ``(B, H, M, e)`` over each cluster's members
+    (``labels`` ``(B, H, M)``; an empty cluster gets zeros): the k-means update step."""
+    B, H, M, e = x.shape
+    flat = kmeans_update(x.reshape(B * H, M, e), labels.reshape(B * H, M), n_clusters)[0]
+    return flat.view(B, H, n_clusters, e)
 
 
 # -- method interface (see kvs_methods.py) -------------------------------------------------
