@@ -8,7 +8,8 @@
 # Usage:  scripts/bench_gpu.sh [more `kvsurgery bench` options, e.g. --contexts 8k,32k]
 # Env:    OUT    output folder (default runs/bench-gpu): bench.json, bench.png (when
 #                matplotlib is installed), table.txt, bench.log, env.txt, and
-#                clusterkv-spread-ranking{,-estimate-rest}.{json,txt} (ClusterKV's options)
+#                clusterkv-estimate-rest, clusterkv-spread-ranking and
+#                clusterkv-estimate-rest-tokens-per-cluster8 .{json,txt} (ClusterKV's options)
 #         MODEL  local model folder / cached alias for the generate run (default: skipped)
 #         PYTHON interpreter (default python); torch, transformers and triton must be there.
 # Needs nothing from the network: the repo is installed in place with --no-deps, or, when
@@ -56,10 +57,11 @@ if [[ -n "${MODEL:-}" ]]; then
 fi
 # progress goes to stderr (and bench.log); the tables, printed last, to stdout and table.txt
 "$PY" -m kvsurgery.cli bench "${args[@]}" "$@" 2> >(tee "$OUT/bench.log" >&2) | tee "$OUT/table.txt"
-# ClusterKV as recipes/clusterkv.yaml ships it (spread_ranking: one more C x d product per step), and
-# with estimate_rest: decode only, same contexts and shape
-for flags in --cluster-spread-ranking "--cluster-spread-ranking --cluster-estimate-rest"; do
-  name=clusterkv$(echo "$flags" | sed 's/--cluster//g; s/ //g')
+# ClusterKV's options, decode only, same contexts and shape: estimate_rest (the SmolLM2
+# recipes ship it: one more C x d read per step), spread_ranking (another), and the SmolLM2
+# recipes' 8-token clusters (C = context/8 centroids scored per step, 10x the default's)
+for flags in --cluster-estimate-rest --cluster-spread-ranking "--cluster-estimate-rest --tokens-per-cluster 8"; do
+  name=clusterkv$(echo "$flags" | sed 's/--cluster//g; s/--/-/g; s/ //g')
   # shellcheck disable=SC2086
   "$PY" -m kvsurgery.cli bench "$@" --methods clusterkv $flags --no-prefill \
     --out "$OUT/$name.json" 2>>"$OUT/bench.log" | tee "$OUT/$name.txt"

@@ -2,10 +2,11 @@
 # ClusterKV quality on SmolLM2-135M-Instruct at budgets 256/512/1024 tokens per step, against
 # the full cache and a sink+window cache of the same budget (4 sinks + budget-4 recent):
 # continuation perplexity after a 4k prefix (128 tokens fed one at a time through the cache)
-# and passkey retrieval at 2k/4k. One capture (2 x 4096 tokens, keys and queries) is shared
-# by the three calibrations. Every step resumes when rerun.
+# on three texts (the eval text first), and passkey and needle retrieval at 2k/4k. One
+# capture (2 x 4096 tokens, keys and queries) is shared by the three calibrations. Every
+# step resumes when rerun.
 #
-#   bash scripts/eval_clusterkv_smollm2.sh            # everything (CPU: about an hour)
+#   bash scripts/eval_clusterkv_smollm2.sh            # everything (CPU: about 70 minutes)
 #   OUT=runs/ckv BUDGETS="512" bash scripts/eval_clusterkv_smollm2.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +28,8 @@ for B in $BUDGETS; do
   methods="clusterkv,sink_window:$((B - 4))"
   [ "$B" = "$first" ] && methods="$methods,full"
   "$PY" -m kvsurgery.cli eval --calibration "$OUT/cal$B" --methods "$methods" --tasks ppl \
-    --context 4k --out "$OUT/eval${B}_ppl" --no-progress
-  "$PY" -m kvsurgery.cli eval --calibration "$OUT/cal$B" --methods "$methods" --tasks passkey \
+    --context 4k --ppl-texts 3 --out "$OUT/eval${B}_ppl" --no-progress
+  "$PY" -m kvsurgery.cli eval --calibration "$OUT/cal$B" --methods "$methods" --tasks passkey,needle \
     --context "${PASSKEY_CONTEXT:-2k,4k}" --out "$OUT/eval${B}_passkey" --no-progress
 done
 for f in "$OUT"/eval*/results.md; do echo "== $f"; cat "$f"; done

@@ -68,6 +68,9 @@ def test_shipped_recipes_load():
     for name in ("clusterkv", "clusterkv-256", "clusterkv-1024"):
         r = load_recipe(f"recipes/{name}.yaml")
         assert r.method == "clusterkv" and r.calibration["seq_len"] >= r.config.target_context
+        c = r.config  # clusters appended during decoding are as fine as the prefill's
+        assert c.append_every == c.append_clusters * c.tokens_per_cluster, name
+        assert c.tpc_choices == [c.tokens_per_cluster], name
 
 
 def test_no_queries_refused_before_model_load(tmp_path):
