@@ -9,7 +9,8 @@
 # Env:    OUT    output folder (default runs/bench-gpu): bench.json, bench.png (when
 #                matplotlib is installed), table.txt, bench.log, env.txt, and
 #                clusterkv-estimate-rest, clusterkv-spread-ranking and
-#                clusterkv-estimate-rest-tokens-per-cluster8 .{json,txt} (ClusterKV's options)
+#                clusterkv-estimate-rest-spread-ranking-tokens-per-cluster8 .{json,txt}
+#                (ClusterKV's options)
 #         MODEL  local model folder / cached alias for the generate run (default: skipped)
 #         PYTHON interpreter (default python); torch, transformers and triton must be there.
 # Needs nothing from the network: the repo is installed in place with --no-deps, or, when
@@ -58,9 +59,11 @@ fi
 # progress goes to stderr (and bench.log); the tables, printed last, to stdout and table.txt
 "$PY" -m kvsurgery.cli bench "${args[@]}" "$@" 2> >(tee "$OUT/bench.log" >&2) | tee "$OUT/table.txt"
 # ClusterKV's options, decode only, same contexts and shape: estimate_rest (the SmolLM2
-# recipes ship it: one more C x d read per step), spread_ranking (another), and the SmolLM2
-# recipes' 8-token clusters (C = context/8 centroids scored per step, 10x the default's)
-for flags in --cluster-estimate-rest --cluster-spread-ranking "--cluster-estimate-rest --tokens-per-cluster 8"; do
+# recipes ship it: one more C x d read per step), spread_ranking (another), and both with
+# 8-token clusters as recipes/clusterkv.yaml ships them (C = context/8 centroids per step,
+# 10x the default's)
+for flags in --cluster-estimate-rest --cluster-spread-ranking \
+  "--cluster-estimate-rest --cluster-spread-ranking --tokens-per-cluster 8"; do
   name=clusterkv$(echo "$flags" | sed 's/--cluster//g; s/--/-/g; s/ //g')
   # shellcheck disable=SC2086
   "$PY" -m kvsurgery.cli bench "$@" --methods clusterkv $flags --no-prefill \
