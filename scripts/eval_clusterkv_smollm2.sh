@@ -6,7 +6,7 @@
 # capture (2 x 4096 tokens, keys and queries) is shared by the three calibrations. Every
 # step resumes when rerun.
 #
-#   bash scripts/eval_clusterkv_smollm2.sh            # everything (CPU: about 70 minutes)
+#   bash scripts/eval_clusterkv_smollm2.sh            # everything (CPU: about 45 minutes)
 #   OUT=runs/ckv BUDGETS="512" bash scripts/eval_clusterkv_smollm2.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
