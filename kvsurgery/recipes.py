@@ -58,7 +58,9 @@ class KVDictConfig:
     """KV-Dict (Lexico, arXiv 2412.08890): per-layer dictionaries, sparse-coded cache."""
 
     n_atoms: int = 1024  # N: atoms per dictionary (int16 indices allow up to 32767)
-    s_k: int = 8  # non-zeros per key when no target is given
+    # Non-zeros per key / value the dictionaries are learned at, and used at when no target
+    # is given (with one, the allocation picks s per layer from their held-out curves).
+    s_k: int = 8
     s_v: int = 8
     target_ratio: float | None = None  # KV bytes/token over fp16, all layers (e.g. 0.2)
     target_context: int = 4096  # context length at which target_ratio is met (sinks+buffer count)
