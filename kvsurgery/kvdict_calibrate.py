@@ -6,7 +6,8 @@ Reads the captured keys/values of a calibration folder and writes ``kvdict/``:
 metric (:func:`~kvsurgery.dictlearn.query_key_maps`; ``dk`` is learned on mapped keys);
 written as each layer finishes, so an interrupted run resumes at the next layer) and
 ``result.json`` (per layer: chosen s_k/s_v, held-out relative error curves, for keys in the
-mapped space). Maths lives in
+mapped space; with ``allocation: attention`` also the attention-output error curves that
+chose s, each layer's cached in ``attention_XXX.safetensors``). Maths lives in
 :mod:`kvsurgery.dictlearn` and :mod:`kvsurgery.sparsity`.
 """
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .capture import load_layer
 from .dictlearn import learn_dictionary, query_key_maps, sparsity_curve
 from .errors import KVSurgeryError
+from .kernels.omp import omp, reconstruct
 from .recipes import Recipe
 from .sparsity import choose_sparsity
 
@@ -73,6 +75,124 @@ def _mapped_keys(cap: dict, layer: int, n_kv_heads: int, alpha: float):
     return out, kmap
 
 
+def _prefix_codes(x: torch.Tensor, D: torch.Tensor, s_max: int):
+    """OMP codes of ``x`` with 1..s_max atoms from one run: OMP is greedy, so the code with
+    ``s`` atoms uses the first ``s`` atoms of the longest one, with least-squares
+    coefficients on them. Yields ``(s, idx, coef)``."""
+    G = D.T @ D
+    idx = omp(x, D, s_max, gram=G)[0]
+    b = (x @ D).gather(1, idx)  # (M, s_max): D^T x on the chosen atoms
+    for s in range(1, s_max + 1):
+        sel = idx[:, :s]
+        Gs = G[sel[:, :, None], sel[:, None, :]]  # (M, s, s)
+        ridge = 1e-6 * torch.eye(s, dtype=Gs.dtype)
+        coef = torch.linalg.solve(Gs + ridge, b[:, :s, None]).squeeze(-1)
+        yield s, sel, coef
+
+
+def attention_error_curves(
+    cap: dict,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    kmap: torch.Tensor | None,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    s_max: int,
+    sinks: int,
+    buffer: int,
+    coef_dtype: str = "float8_e4m3fn",
+    windows: int = 4,
+    queries_per_head: int = 256,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention-output error of coding a layer's keys (values exact) and values (keys
+    exact) with 1..s_max atoms, replayed on the capture.
+
+    For each of the first ``windows`` captured windows and KV head, up to
+    ``queries_per_head`` captured queries (of the heads that read it) attend causally over
+    the captured keys and values of that window: a token at least ``buffer`` positions
+    older than the query and not among the first ``sinks`` is read from its code, the rest
+    exactly, as the cache reads them (codes rounded to ``coef_dtype``). The capture holds a
+    random subset of each window's tokens, so this is a sampled replay; scores use
+    ``head_dim ** -0.5`` (no softcap), and protected tokens are read from codes too.
+
+    Returns:
+        ``(err_k, err_v)``, ``(s_max,)`` float64 each: sum over queries of the squared
+        output error over the sum of squared exact outputs, with ``s`` atoms at ``s - 1``.
+    """
+    if "queries" not in cap:
+        raise KVSurgeryError(
+            "allocation: attention replays the captured queries, and this capture has none; "
+            "capture with queries (the default) or set allocation: reconstruction."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    wins = cap["samples"].unique().sort().values[:windows]
+    keep = torch.isin(cap["samples"], wins)
+    keys, values = cap["keys"][keep].float(), cap["values"][keep].float()
+    heads, pos, win = (cap[k][keep].long() for k in ("heads", "positions", "samples"))
+    d = keys.shape[1]
+    maps = kmap if kmap is not None else torch.eye(d).expand(n_kv_heads, d, d)
+    mapped = torch.empty_like(keys)
+    for h in range(n_kv_heads):
+        mapped[heads == h] = keys[heads == h] @ maps[h]
+    dtype = getattr(torch, coef_dtype)
+
+    def decoded(x, D, unmap):
+        out = {}
+        for s, idx, coef in _prefix_codes(x, D.float(), s_max):
+            if dtype == torch.float8_e4m3fn:
+                coef = coef.clamp(-448.0, 448.0)
+            r = reconstruct(idx, coef.to(dtype), D)
+            if unmap:
+                for h in range(n_kv_heads):
+                    r[heads == h] = torch.linalg.solve(maps[h].T, r[heads == h].T).T
+            out[s] = r
+        return out
+
+    k_hat, v_hat = decoded(mapped, dk, True), decoded(values, dv, False)
+    q_all, q_heads = cap["queries"].float(), cap["q_heads"].long()
+    group = n_heads // n_kv_heads
+    err_k = torch.zeros(s_max, dtype=torch.float64)
+    err_v = torch.zeros(s_max, dtype=torch.float64)
+    norm = 0.0
+    for w in wins.tolist():
+        for h in range(n_kv_heads):
+            kv = (win == w) & (heads == h)
+            qs = (
+                (
+                    (cap["q_samples"] == w)
+                    & (q_heads // group == h)
+                    & (cap["q_positions"] > sinks + buffer)
+                )
+                .nonzero()
+                .squeeze(1)
+            )
+            if len(qs) == 0 or not bool(kv.any()):
+                continue
+            qs = qs[torch.randperm(len(qs), generator=gen)[:queries_per_head]]
+            q, qp, kp = q_all[qs], cap["q_positions"][qs].long(), pos[kv]
+            causal = kp[None] <= qp[:, None]
+            coded = (kp[None] < qp[:, None] - buffer) & (kp[None] >= sinks)
+            k, v = keys[kv], values[kv]
+            scale = d**-0.5
+            logits = (q @ k.T * scale).masked_fill(~causal, float("-inf"))
+            p = torch.softmax(logits, -1)
+            exact = p @ v
+            norm += float(exact.pow(2).sum())
+            for s in range(1, s_max + 1):
+                lk = torch.where(coded, q @ k_hat[s][kv].T * scale, logits)
+                out = torch.softmax(lk.masked_fill(~causal, float("-inf")), -1) @ v
+                err_k[s - 1] += float((out - exact).pow(2).sum())
+                err_v[s - 1] += float(((p * coded) @ (v_hat[s][kv] - v)).pow(2).sum())
+    if norm == 0.0:
+        raise KVSurgeryError(
+            f"allocation: attention found no captured query past sinks + buffer "
+            f"({sinks + buffer} tokens); calibrate on windows longer than that."
+        )
+    return err_k / norm, err_v / norm
+
+
 def _recipe_hash(recipe: Recipe) -> str:
     d = recipe.to_dict()
     learning = {k: d.get(k) for k in _LEARNING_FIELDS}
@@ -91,6 +211,45 @@ def compressed_layers(dims: dict, recipe: Recipe) -> list[bool]:
         cfg = recipe.for_layer(i, lt)
         out.append(lt != "sliding_attention" and not cfg.dense)
     return out
+
+
+def _attention_curves(calib_dir, recipe: Recipe, dims: dict, tag: str, layers, s_max, progress):
+    """``(L, s_max)`` attention-error curves of keys and values for ``layers``, each cached in
+    ``attention_XXX.safetensors`` under a tag of what it depends on (an interrupted run
+    resumes, and a changed buffer recomputes)."""
+    base = recipe.config
+    what = json.dumps([tag, base.sinks, base.buffer, base.coef_dtype, s_max, base.seed])
+    att_tag = hashlib.sha256(what.encode()).hexdigest()[:16]
+    out_k, out_v = [], []
+    for i in tqdm(layers, desc="kvdict attention", unit="layer", disable=not progress):
+        path = Path(calib_dir) / SUBDIR / f"attention_{i:03d}.safetensors"
+        if path.is_file():
+            state = load_file(path)
+            if state["tag"].numpy().tobytes().decode() == att_tag:
+                out_k.append(state["k"])
+                out_v.append(state["v"])
+                continue
+        learned = load_file(Path(calib_dir) / SUBDIR / f"layer_{i:03d}.safetensors")
+        ek, ev = attention_error_curves(
+            load_layer(calib_dir, i),
+            learned["dk"],
+            learned["dv"],
+            learned.get("kmap"),
+            n_heads=dims["num_heads"],
+            n_kv_heads=dims["num_kv_heads"],
+            s_max=s_max,
+            sinks=base.sinks,
+            buffer=base.buffer,
+            coef_dtype=base.coef_dtype,
+            seed=base.seed + i,
+        )
+        tag_t = torch.frombuffer(bytearray(att_tag.encode()), dtype=torch.uint8)
+        tmp = path.with_suffix(".tmp")
+        save_file({"k": ek, "v": ev, "tag": tag_t}, tmp)
+        tmp.replace(path)
+        out_k.append(ek)
+        out_v.append(ev)
+    return torch.stack(out_k), torch.stack(out_v)
 
 
 def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = True) -> dict:
@@ -146,7 +305,11 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
         )
     err_k = torch.stack([curves_k[i] for i in layers])
     err_v = torch.stack([curves_v[i] for i in layers])
-    if base.target_ratio is not None or base.max_error is not None:
+    att = None
+    allocating = base.target_ratio is not None or base.max_error is not None
+    if base.allocation == "attention" and allocating:
+        att = _attention_curves(calib_dir, recipe, dims, tag, layers, s_max, progress)
+    if allocating:
         exact = min(1.0, (base.sinks + base.buffer) / base.target_context)
         protected = base.protect / base.target_context
         target = base.target_ratio
@@ -160,8 +323,8 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
                     "layers alone cost; raise it or compress more layers."
                 )
         s_k, s_v = choose_sparsity(
-            err_k,
-            err_v,
+            err_k if att is None else att[0],
+            err_v if att is None else att[1],
             d=dims["head_dim"],
             target_ratio=target,
             max_error=base.max_error,
@@ -169,7 +332,7 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             s_max=s_max,
             exact_fraction=exact,
             protected_fraction=protected,
-            key_weight=base.key_weight,
+            key_weight=base.key_weight if att is None else 1.0,
         )
     else:
         s_k = [recipe.for_layer(i, dims["layer_types"][i]).s_k for i in layers]
@@ -184,6 +347,14 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
             "n_atoms_v": base.n_atoms,
             "heldout_rel_err_k": round(float(err_k[j, s_k[j] - 1]), 5),
             "heldout_rel_err_v": round(float(err_v[j, s_v[j] - 1]), 5),
+            **(
+                {}
+                if att is None
+                else {
+                    "attention_err_k": round(float(att[0][j, s_k[j] - 1]), 6),
+                    "attention_err_v": round(float(att[1][j, s_v[j] - 1]), 6),
+                }
+            ),
             "seconds": round(timing[i], 2),
         }
     for i, on in enumerate(which):
@@ -197,6 +368,11 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
         "curves_k": {str(i): [round(float(e), 5) for e in curves_k[i]] for i in layers},
         "curves_v": {str(i): [round(float(e), 5) for e in curves_v[i]] for i in layers},
     }
+    if att is not None:
+        for name, a in zip(("attention_curves_k", "attention_curves_v"), att, strict=True):
+            result[name] = {
+                str(i): [round(float(e), 6) for e in a[j]] for j, i in enumerate(layers)
+            }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     k_err = "K rel.err (query metric)" if base.query_weighting else "K rel.err"
     columns = {
@@ -205,6 +381,9 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
         k_err: [p.get("heldout_rel_err_k", "-") for p in per_layer],
         "V rel.err": [p.get("heldout_rel_err_v", "-") for p in per_layer],
     }
+    if att is not None:
+        columns["K attn.err"] = [p.get("attention_err_k", "-") for p in per_layer]
+        columns["V attn.err"] = [p.get("attention_err_v", "-") for p in per_layer]
     return {
         "manifest": {
             "dir": SUBDIR,
