@@ -131,6 +131,7 @@ REF_CASES = [
     (3, 8, 2, 64, 37, 300, 113, 130, 3, 6, 1),
     (2, 8, 2, 16, 37, 300, 61, 9, 4, 6, 4),
     (3, 9, 3, 16, 300, 37, 0, 5, 4, 3, 3),
+    (2, 9, 3, 16, 37, 300, 61, 5, 1, 1, 1),  # one atom each (recipes allow s_min 1)
 ]
 
 
@@ -173,6 +174,7 @@ TRITON_CASES = [
     (3, 9, 3, 16, 300, 37, 113, 5, 6, 8),
     (1, 8, 2, 16, 37, 300, 61, 130, 5, 4),
     (3, 8, 2, 16, 37, 300, 0, 5, 4, 3),  # T = 0: exact tokens only
+    (2, 9, 3, 16, 37, 300, 61, 5, 1, 1),  # one atom each
 ]
 SPLITS = [dict(), dict(block_t=16, split_len=32)]  # heuristic / many splits, ragged tiles
 
