@@ -61,6 +61,10 @@ def test_precedence_defaults_recipe_cli(tmp_path):
         ("method: kvdict\nbuffer: true\n", r"buffer: expected int, got bool"),
         ("method: kvdict\nprotect: -1\n", r"protect: must be >= 0"),
         (
+            "method: kvdict\nallocation: attn\n",
+            r"allocation: must be one of reconstruction, attention, got 'attn'",
+        ),
+        (
             "method: kvdict\nbuffer: 64\nprotect: 30\ntarget_context: 98\n",
             r"protect: sinks \+ buffer",
         ),
