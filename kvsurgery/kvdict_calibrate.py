@@ -28,6 +28,7 @@ from .dictlearn import learn_dictionary, query_key_maps, sparsity_curve
 from .errors import KVSurgeryError
 from .kernels.omp import omp, reconstruct
 from .recipes import Recipe
+from .runtime.kvs_cache import _FP8_MAX
 from .sparsity import choose_sparsity
 
 SUBDIR = "kvdict"
@@ -67,12 +68,16 @@ def _mapped_keys(cap: dict, layer: int, n_kv_heads: int, alpha: float):
             f"{alpha} needs; capture with queries (the default) or set query_weighting: 0."
         )
     kmap = query_key_maps(cap["queries"], cap["q_heads"], n_kv_heads, alpha)
-    heads = cap["heads"].long()
-    out = torch.empty_like(keys, dtype=torch.float32)
-    for h in range(n_kv_heads):
+    return _per_head(keys, cap["heads"].long(), kmap), kmap
+
+
+def _per_head(x: torch.Tensor, heads: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(M, d)`` times their KV head's map: ``x[m] @ maps[heads[m]]``, fp32."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    for h in range(maps.shape[0]):
         sel = heads == h
-        out[sel] = keys[sel].float() @ kmap[h]
-    return out, kmap
+        out[sel] = x[sel].float() @ maps[h]
+    return out
 
 
 def _prefix_codes(x: torch.Tensor, D: torch.Tensor, s_max: int):
@@ -132,25 +137,20 @@ def attention_error_curves(
     keys, values = cap["keys"][keep].float(), cap["values"][keep].float()
     heads, pos, win = (cap[k][keep].long() for k in ("heads", "positions", "samples"))
     d = keys.shape[1]
-    maps = kmap if kmap is not None else torch.eye(d).expand(n_kv_heads, d, d)
-    mapped = torch.empty_like(keys)
-    for h in range(n_kv_heads):
-        mapped[heads == h] = keys[heads == h] @ maps[h]
+    mapped = keys if kmap is None else _per_head(keys, heads, kmap)
+    unmap = None if kmap is None else torch.linalg.inv(kmap)
     dtype = getattr(torch, coef_dtype)
 
-    def decoded(x, D, unmap):
+    def decoded(x, D, maps):
         out = {}
         for s, idx, coef in _prefix_codes(x, D.float(), s_max):
-            if dtype == torch.float8_e4m3fn:
-                coef = coef.clamp(-448.0, 448.0)
+            if dtype == torch.float8_e4m3fn:  # rounded as the cache stores codes
+                coef = coef.clamp(-_FP8_MAX, _FP8_MAX)
             r = reconstruct(idx, coef.to(dtype), D)
-            if unmap:
-                for h in range(n_kv_heads):
-                    r[heads == h] = torch.linalg.solve(maps[h].T, r[heads == h].T).T
-            out[s] = r
+            out[s] = r if maps is None else _per_head(r, heads, maps)
         return out
 
-    k_hat, v_hat = decoded(mapped, dk, True), decoded(values, dv, False)
+    k_hat, v_hat = decoded(mapped, dk, unmap), decoded(values, dv, None)
     q_all, q_heads = cap["queries"].float(), cap["q_heads"].long()
     group = n_heads // n_kv_heads
     err_k = torch.zeros(s_max, dtype=torch.float64)

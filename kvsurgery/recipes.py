@@ -88,7 +88,7 @@ class KVDictConfig:
     # attention outputs, replayed on the captured queries, keys and values (sinks and
     # buffer exact), in one unit for keys and values and for every layer; max_error then
     # bounds that relative squared error. Measured on SmolLM2-135M at 20% (12 windows):
-    # 1.019x full ppl vs 1.025x, at equal bytes.
+    # 1.017x full ppl vs 1.025x, at equal bytes (s_min 2).
     allocation: str = "reconstruction"
     iters: int = 6  # MOD iterations (held-out error flattens after a few)
     holdout: float = 0.1  # share of captured vectors kept out of training
