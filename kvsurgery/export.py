@@ -286,13 +286,15 @@ def _kvdict_card(block: dict, info, comp: list) -> tuple[str, str]:
 {__version__}. The weights are unchanged; the checkpoint adds one key and one value
 dictionary per layer and the runtime code that decodes with them."""
     protect = block.get("protect", 0)
+    int8 = block.get("protect_dtype") == "int8"
     if protect:
+        kept = "kept in int8 (one scale per token and head)" if int8 else "also kept exact"
         about += f"""
 When a prompt is compressed, the {protect} prompt tokens its last queries attend to most
-are also kept exact (a question at the end of the prompt keeps the passage it asks about)."""
+are {kept} (a question at the end of the prompt keeps the passage it asks about)."""
     rows = f"""| mean non-zeros per key / value | {mean_sk:.2f} / {mean_sv:.2f} |
 | exact sinks / recent buffer | {block["sinks"]} / {block["buffer"]} tokens |
-| protected exact prompt tokens | {protect} |
+| protected prompt tokens | {protect}{" (int8)" if protect and int8 else ""} |
 | compressed-token bytes vs fp16 | {block["code_bytes_ratio"]:.1%} |"""
     return about, rows
 

@@ -193,6 +193,12 @@ def attention_error_curves(
     return err_k / norm, err_v / norm
 
 
+def protect_cost(cfg, head_dim: int) -> float:
+    """Bytes of a protected token over its fp16 bytes: 1, or ``(d + 2) / 2d`` in int8 (an
+    int8 per channel and a 2-byte scale per token and kv head, for K and for V)."""
+    return (head_dim + 2) / (2 * head_dim) if cfg.protect_dtype == "int8" else 1.0
+
+
 def _recipe_hash(recipe: Recipe) -> str:
     d = recipe.to_dict()
     learning = {k: d.get(k) for k in _LEARNING_FIELDS}
@@ -311,7 +317,7 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
         att = _attention_curves(calib_dir, recipe, dims, tag, layers, s_max, progress)
     if allocating:
         exact = min(1.0, (base.sinks + base.buffer) / base.target_context)
-        protected = base.protect / base.target_context
+        protected = base.protect / base.target_context * protect_cost(base, dims["head_dim"])
         target = base.target_ratio
         if target is not None:
             # Uncompressed layers cost 1 each; the compressed ones share what is left.
@@ -426,8 +432,14 @@ def runtime_block(entry: dict) -> dict:
     return {
         "layers": layers,
         **{k: settings[k] for k in ("sinks", "buffer", "flush", "omp_tol", "coef_dtype")},
-        # older calibrations have no protect setting; a block without it protects nothing
+        # older calibrations have no protect setting; a block without it protects nothing,
+        # and one without protect_dtype stores protected tokens in the model's dtype
         **({"protect": settings["protect"]} if settings.get("protect") else {}),
+        **(
+            {"protect_dtype": settings["protect_dtype"]}
+            if settings.get("protect") and settings.get("protect_dtype", "model") != "model"
+            else {}
+        ),
         "key_map": _has_key_map(entry),
         "code_bytes_ratio": entry["code_bytes_ratio"],
     }

@@ -54,6 +54,7 @@ class CalibrationConfig:
 
 
 ALLOCATIONS = ("reconstruction", "attention")
+PROTECT_DTYPES = ("model", "int8")  # as runtime/kvs_cache.py reads them (a test checks)
 
 
 @dataclass
@@ -99,6 +100,9 @@ class KVDictConfig:
     # encoded (a question at the end of the prompt keeps the passage it asks about); they
     # count in the byte target. 0: none.
     protect: int = 0
+    # How protected tokens are stored: "model" (the model's dtype, exact) or "int8" (one
+    # absmax scale per token and kv head; half the bytes, about 1% relative error).
+    protect_dtype: str = "model"
     omp_tol: float | None = None  # optional early stop of OMP at runtime
     coef_dtype: str = "float8_e4m3fn"  # float16/float32 only for tests of the lossless limit
     dense: bool = False  # keep this layer uncompressed (per-layer override)
@@ -151,6 +155,11 @@ class KVDictConfig:
         _require(self.buffer >= 1, "buffer", f"must be >= 1, got {self.buffer}")
         _require(self.flush >= 1, "flush", f"must be >= 1, got {self.flush}")
         _require(self.protect >= 0, "protect", f"must be >= 0, got {self.protect}")
+        _require(
+            self.protect_dtype in PROTECT_DTYPES,
+            "protect_dtype",
+            f"must be one of {', '.join(PROTECT_DTYPES)}, got {self.protect_dtype!r}",
+        )
         _require(
             self.target_context >= 1, "target_context", f"must be >= 1, got {self.target_context}"
         )

@@ -27,7 +27,8 @@ def compression_ratio(
 
     ``exact_fraction`` of the tokens (sinks and recent buffer) stay in fp16 and count at
     ratio 1: ``exact_fraction + (1 - exact_fraction) * sum_l bpc (s_k + s_v) / (L 4 d)``.
-    ``protected_fraction`` of the tokens are coded *and* kept in fp16: they add at ratio 1.
+    ``protected_fraction``: the bytes of tokens kept besides their codes, over fp16 bytes of
+    all tokens (protected tokens in fp16: their share of the tokens; in int8 about half).
     """
     code = bytes_per_coef * (sum(s_k) + sum(s_v)) / (len(s_k) * 4 * d)
     return exact_fraction + protected_fraction + (1.0 - exact_fraction) * code
@@ -76,7 +77,8 @@ def choose_sparsity(
             per K/V whose error is ``<= max_error`` (``s_max`` where none is).
         s_min, s_max: bounds on every ``s`` (``s_max`` defaults to ``S``).
         exact_fraction: share of tokens kept in fp16, in ``[0, 1)``.
-        protected_fraction: share of tokens kept in fp16 besides their codes (>= 0).
+        protected_fraction: bytes kept besides the codes (protected tokens) over fp16 bytes
+            of all tokens (>= 0); see :func:`compression_ratio`.
         key_weight: how much more a unit of key error costs than a unit of value error
             (> 0): key gains are multiplied by it in the budget mode, and the key bound is
             ``max_error / key_weight`` in the error mode.

@@ -402,8 +402,8 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
 
     budget = {"target_ratio": 0.5, "target_context": 64, "s_min": 1, "s_max": 8}
     atoms = {}
-    for protect in (0, 8):
-        recipe = recipe_from_dict({**RECIPE, **budget, "protect": protect})
+    for protect, dtype in ((0, "model"), (8, "int8"), (8, "model")):
+        recipe = recipe_from_dict({**RECIPE, **budget, "protect": protect, "protect_dtype": dtype})
         man = calibrate(
             None,
             tmp_path / "cal",
@@ -414,16 +414,23 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
         )
         layers = man["methods"]["kvdict"]["layers"]
         s_k, s_v = [p["s_k"] for p in layers], [p["s_v"] for p in layers]
+        cost = (16 + 2) / 32 if dtype == "int8" else 1.0  # int8 + a 2-byte scale per vector
         ratio = compression_ratio(
-            s_k, s_v, d=16, exact_fraction=10 / 64, protected_fraction=protect / 64
+            s_k, s_v, d=16, exact_fraction=10 / 64, protected_fraction=protect / 64 * cost
         )
         assert ratio <= 0.5
-        atoms[protect] = sum(s_k) + sum(s_v)
-    assert atoms[8] < atoms[0]  # the protected tokens' fp16 bytes come out of the codes
+        atoms[protect, dtype] = sum(s_k) + sum(s_v)
+        if dtype == "int8":
+            out = export(tmp_path / "cal", tmp_path / "exp8", loaded=load_model(tiny_llama_dir))
+            block = json.loads((out / "config.json").read_text())["kvsurgery"]
+            assert block["protect"] == 8 and block["protect_dtype"] == "int8"
+            assert "| protected prompt tokens | 8 (int8) |" in (out / "README.md").read_text()
+    # the protected tokens' bytes come out of the codes, int8 ones about half as many
+    assert atoms[8, "model"] < atoms[8, "int8"] < atoms[0, "model"]
     out = export(tmp_path / "cal", tmp_path / "exp", loaded=load_model(tiny_llama_dir))
     block = json.loads((out / "config.json").read_text())["kvsurgery"]
-    assert block["protect"] == 8
-    assert "| protected exact prompt tokens | 8 |" in (out / "README.md").read_text()
+    assert block["protect"] == 8 and "protect_dtype" not in block  # as older exports
+    assert "| protected prompt tokens | 8 |" in (out / "README.md").read_text()
     prompt = " ".join([PROMPT] * 2)
     res = run_fresh_process(out, prompt, 12)
     model, tok, _ = load_model(tiny_llama_dir)

@@ -65,6 +65,10 @@ def test_precedence_defaults_recipe_cli(tmp_path):
             r"allocation: must be one of reconstruction, attention, got 'attn'",
         ),
         (
+            "method: kvdict\nprotect_dtype: fp8\n",
+            r"protect_dtype: must be one of model, int8, got 'fp8'",
+        ),
+        (
             "method: kvdict\nbuffer: 64\nprotect: 30\ntarget_context: 98\n",
             r"protect: sinks \+ buffer",
         ),
@@ -74,6 +78,13 @@ def test_precedence_defaults_recipe_cli(tmp_path):
 def test_bad_recipes_name_the_key(tmp_path, text, match):
     with pytest.raises(RecipeError, match=match):
         load_recipe(write(tmp_path, text))
+
+
+def test_protect_dtypes_are_the_runtimes():
+    from kvsurgery.recipes import PROTECT_DTYPES
+    from kvsurgery.runtime import kvs_cache
+
+    assert PROTECT_DTYPES == kvs_cache.PROTECT_DTYPES
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
