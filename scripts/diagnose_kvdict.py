@@ -22,8 +22,8 @@ script puts the exact vectors back:
     --logit-shrink 0.5      compressed tokens' logits l -> mu + 0.5 (l - mu), mu their mean
                             per query: damps the codes' logit noise (did not help pass keys)
 
-Protected tokens (recipe ``protect``) are read exactly, as the shipped attention reads them;
-the options above apply to the coded tokens only.
+Protected tokens (recipe ``protect``) are read as the shipped attention reads them (exact,
+or int8 with ``protect_dtype: int8``); the options above apply to the coded tokens only.
 
 Everything after ``--`` goes to ``kvsurgery eval`` (its bytes/token column counts the
 codes, not the diagnostic copies). Example (SmolLM2, needle at 4k)::
@@ -134,8 +134,9 @@ def install(
             err = self.key_err[:, :, :n]
             worst = err >= torch.quantile(err, 1 - top, dim=-1, keepdim=True)
             k_c = torch.where(worst[..., None], exact_k, k_c)
-        k = torch.cat([self.sink_k.float(), self.kept_k.float(), k_c, self.buf_k.float()], 2)
-        v = torch.cat([self.sink_v.float(), self.kept_v.float(), v_c, self.buf_v.float()], 2)
+        kept_k, kept_v = self.kept_tokens()
+        k = torch.cat([self.sink_k.float(), kept_k.float(), k_c, self.buf_k.float()], 2)
+        v = torch.cat([self.sink_v.float(), kept_v.float(), v_c, self.buf_v.float()], 2)
         q = self._map_query(query)
         if n and self._diag_on and (mass or shift or shrink != 1.0):
             out = _biased_attention(

@@ -242,6 +242,14 @@ class KVDictLayer(CompressedLayer):
             comp_mask = comp_mask & coded[:, None, :n_c]
         return comp_mask
 
+    def kept_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The protected tokens' keys and values as attention reads them (model dtype)."""
+        if not self.protect_int8:
+            return self.kept_k, self.kept_v
+        return dequantize_int8(self.kept_k, self.kept_ks), dequantize_int8(
+            self.kept_v, self.kept_vs
+        )
+
     def attend(self, query, attention_mask, scaling, softcap=None):
         """Attention of ``query`` ``(B, H, Q, d)`` over everything this layer holds.
 
@@ -255,10 +263,7 @@ class KVDictLayer(CompressedLayer):
         n_s, n_c = self.sink_k.shape[2], self.n_comp
         comp_mask = self._coded_mask(m)
         exact_mask = torch.cat([m[:, :, :n_s], self._kept_mask(m), m[:, :, n_s + n_c :]], dim=-1)
-        kept_k, kept_v = self.kept_k, self.kept_v
-        if self.protect_int8:
-            kept_k = dequantize_int8(kept_k, self.kept_ks)
-            kept_v = dequantize_int8(kept_v, self.kept_vs)
+        kept_k, kept_v = self.kept_tokens()
         k_exact = torch.cat([self.sink_k, kept_k, self.buf_k], dim=2)
         v_exact = torch.cat([self.sink_v, kept_v, self.buf_v], dim=2)
         if q_len == 1:
