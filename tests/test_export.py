@@ -396,13 +396,14 @@ def test_softcapping_refused_by_methods_without_it(tiny_dirs):
 
 
 def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_dir, tmp_path):
-    """``protect`` is paid for in the byte target, reaches the block and the card, and the
-    export protects the same tokens in a fresh process as the toolkit does in-process."""
+    """``protect`` is paid for in the byte target (int8 protected tokens about half), reaches
+    the block and the card, and the export protects the same tokens (int8) in a fresh process
+    as the toolkit does in-process."""
     from kvsurgery.sparsity import compression_ratio
 
     budget = {"target_ratio": 0.5, "target_context": 64, "s_min": 1, "s_max": 8}
     atoms = {}
-    for protect, dtype in ((0, "model"), (8, "int8"), (8, "model")):
+    for protect, dtype in ((0, "model"), (8, "model"), (8, "int8")):
         recipe = recipe_from_dict({**RECIPE, **budget, "protect": protect, "protect_dtype": dtype})
         man = calibrate(
             None,
@@ -420,17 +421,20 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
         )
         assert ratio <= 0.5
         atoms[protect, dtype] = sum(s_k) + sum(s_v)
-        if dtype == "int8":
-            out = export(tmp_path / "cal", tmp_path / "exp8", loaded=load_model(tiny_llama_dir))
+        if protect:
+            out = export(
+                tmp_path / "cal", tmp_path / f"exp-{dtype}", loaded=load_model(tiny_llama_dir)
+            )
             block = json.loads((out / "config.json").read_text())["kvsurgery"]
-            assert block["protect"] == 8 and block["protect_dtype"] == "int8"
-            assert "| protected prompt tokens | 8 (int8) |" in (out / "README.md").read_text()
+            card = (out / "README.md").read_text()
+            assert block["protect"] == 8
+            if dtype == "int8":
+                assert block["protect_dtype"] == "int8"
+                assert "| protected prompt tokens | 8 (int8) |" in card
+            else:  # as exports before protect_dtype
+                assert "protect_dtype" not in block and "| protected prompt tokens | 8 |" in card
     # the protected tokens' bytes come out of the codes, int8 ones about half as many
     assert atoms[8, "model"] < atoms[8, "int8"] < atoms[0, "model"]
-    out = export(tmp_path / "cal", tmp_path / "exp", loaded=load_model(tiny_llama_dir))
-    block = json.loads((out / "config.json").read_text())["kvsurgery"]
-    assert block["protect"] == 8 and "protect_dtype" not in block  # as older exports
-    assert "| protected prompt tokens | 8 |" in (out / "README.md").read_text()
     prompt = " ".join([PROMPT] * 2)
     res = run_fresh_process(out, prompt, 12)
     model, tok, _ = load_model(tiny_llama_dir)
@@ -441,4 +445,5 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
     mine = model.generate(**ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
     assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()
     layer = cache.layers[0]
+    assert layer.kept_k.dtype == torch.int8
     assert layer.kept_pos.shape == (1, 8) and (layer.kept_pos >= 2).all()
