@@ -686,7 +686,9 @@ if _HAS_TRITON:
         tl.store(mus_ptr + row, mus)
 
     @triton.jit
-    def _online(m, lsum, acc, s, w, vv, HAS_V: tl.constexpr, IN_DEN: tl.constexpr):
+    def _online(
+        m, lsum, acc, s, w, vv, HAS_V: tl.constexpr, IN_DEN: tl.constexpr, PREC: tl.constexpr
+    ):
         """One tile of the shared online softmax (base 2): logits ``s (R, N)`` (-inf =
         absent), per-column weights ``w (N,)``, values ``vv (N, D_P)``. ``IN_DEN``: the
         weighted terms enter the denominator; ``HAS_V``: they enter the numerator."""
@@ -700,7 +702,7 @@ if _HAS_TRITON:
         else:
             lsum = lsum * alpha
         if HAS_V:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision=PREC)
         else:
             acc = acc * alpha[:, None]
         return m_new, lsum, acc
@@ -745,6 +747,7 @@ if _HAS_TRITON:
         D_P: tl.constexpr,  # next pow2 of D (tile dimension)
         BLOCK_R: tl.constexpr,  # query rows (group heads x queries) per program
         BLOCK_N: tl.constexpr,  # tokens / samples / slots per tile
+        PREC: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs, else "tf32"
     ):
         """Grid ``(cdiv(G*Q, BLOCK_R), B*H_kv)``. Rows ``r = gi*Q + qi`` are the group's
         query heads x queries, so each K/V row is read once for the whole group (no GQA
@@ -796,7 +799,7 @@ if _HAS_TRITON:
                 mask=m2,
                 other=0.0,
             ).to(tl.float32)
-            s = tl.sum(qv[:, None, :] * kk[None, :, :], axis=2)  # (BLOCK_R, BLOCK_N)
+            s = tl.dot(qv, tl.trans(kk), input_precision=PREC)  # (BLOCK_R, BLOCK_N)
             live = rmask[:, None] & nmask[None, :]
             if HAS_MASK:
                 mk = tl.load(
@@ -806,7 +809,7 @@ if _HAS_TRITON:
                 )
                 live = live & (mk != 0)
             s = tl.where(live, s, float("-inf"))
-            m, lsum, acc = _online(m, lsum, acc, s, ones, vv, True, True)
+            m, lsum, acc = _online(m, lsum, acc, s, ones, vv, True, True, PREC)
         # cluster samples: denominator only
         for n0 in range(0, C * T, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -820,7 +823,7 @@ if _HAS_TRITON:
             n_c = n_c.to(tl.float32)
             n_f = tl.minimum(n_c, T)  # filled slots
             w = tl.where((offs_n % T).to(tl.float32) < n_f, n_c / tl.maximum(n_f, 1.0), 0.0)
-            s = tl.sum(qv[:, None, :] * kk[None, :, :], axis=2)
+            s = tl.dot(qv, tl.trans(kk), input_precision=PREC)
             s = tl.where(rmask[:, None] & (w > 0)[None, :], s, float("-inf"))
             if SMP_V:
                 vv = tl.load(
@@ -828,9 +831,9 @@ if _HAS_TRITON:
                     mask=nmask[:, None] & dmask[None, :],
                     other=0.0,
                 ).to(tl.float32)
-                m, lsum, acc = _online(m, lsum, acc, s, w, vv, True, True)
+                m, lsum, acc = _online(m, lsum, acc, s, w, vv, True, True, PREC)
             else:
-                m, lsum, acc = _online(m, lsum, acc, s, w, kk, False, True)
+                m, lsum, acc = _online(m, lsum, acc, s, w, kk, False, True, PREC)
         # value slots: numerator only
         mu = tl.load(mu_ptr + pid_bh)
         mu_s = tl.load(mus_ptr + pid_bh)
@@ -850,9 +853,9 @@ if _HAS_TRITON:
             live = nmask & (nrm > 0) & (nrm * 0.0 + mu > 0)  # vector-wide test (interpreter)
             w_rep = tl.where(live, mu / (S * tl.where(live, nrm, 1.0)), 0.0)
             w = tl.where(orig & nmask, nrm * 0.0 + w_orig, w_rep)
-            s = tl.sum(qv[:, None, :] * kk[None, :, :], axis=2)
+            s = tl.dot(qv, tl.trans(kk), input_precision=PREC)
             s = tl.where(rmask[:, None] & (w > 0)[None, :], s, float("-inf"))
-            m, lsum, acc = _online(m, lsum, acc, s, w, vv, True, False)
+            m, lsum, acc = _online(m, lsum, acc, s, w, vv, True, False, PREC)
         inv = tl.where(lsum > 0, 1.0 / tl.where(lsum > 0, lsum, 1.0), 0.0)
         orow = ((b * H_kv + h) * G + gi) * Q + qi
         tl.store(
@@ -1002,6 +1005,8 @@ def estimate_attention_triton(q, k_ex, v_ex, mask_ex, state: dict, scale: float)
         D_P=_next_pow2(max(d, 16)),
         BLOCK_R=BLOCK_R,
         BLOCK_N=16,
+        # fp32 inputs keep fp32 products (the tensor cores' default tf32 would cost ~1e-3)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
     return out.to(q.dtype)

@@ -316,6 +316,8 @@ def results_table(results: dict) -> str:
             )
     for sk in results.get("skipped", []):
         lines.append(f"# skipped: {sk}")
+    for f in results.get("failed", []):
+        lines.append(f"# FAILED: {f}")
     return "\n".join(lines)
 
 

@@ -573,7 +573,16 @@ def bench_decode_cell(method: BenchMethod, shape: Shape, cfg: BenchConfig, check
     return row
 
 
-def bench_decode(cfg: BenchConfig, device: torch.device, log) -> list[dict]:
+def _failure(what: str, e: Exception, failed: list, log) -> None:
+    """A cell that raised: record it (``results["failed"]``) and go on with the others, so
+    that one method's failure (e.g. a kernel this Triton version cannot compile) does not
+    lose the rest of a long GPU run."""
+    msg = f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    failed.append(msg[:400])
+    log(f"FAILED {msg[:400]}")
+
+
+def bench_decode(cfg: BenchConfig, device: torch.device, log, failed: list) -> list[dict]:
     rows = []
     methods = [DENSE] + [METHODS[m] for m in cfg.methods]
     for batch in cfg.batches:
@@ -582,10 +591,17 @@ def bench_decode(cfg: BenchConfig, device: torch.device, log) -> list[dict]:
                           _DTYPES[cfg.dtype], device)  # fmt: skip
             dense_us = None
             for m in methods:
-                row = bench_decode_cell(m, shape, cfg, check=(i == 0))
+                try:
+                    row = bench_decode_cell(m, shape, cfg, check=(i == 0))
+                except Exception as e:
+                    _failure(f"decode {m.name} batch {batch} context {ctx}", e, failed, log)
+                    _free(device)
+                    continue
                 if m is DENSE:
                     dense_us = row["us"]
-                row["speedup_vs_dense"] = dense_us / row["us"] if row["us"] > 0 else None
+                row["speedup_vs_dense"] = (
+                    dense_us / row["us"] if dense_us and row["us"] > 0 else None
+                )
                 rows.append(row)
                 log(f"decode {m.name:>10} batch {batch} context {ctx:>7}: {row['us']:10.1f} us "
                     f"({row['timed']}, {row['copies']} input sets), "
@@ -593,7 +609,7 @@ def bench_decode(cfg: BenchConfig, device: torch.device, log) -> list[dict]:
     return rows
 
 
-def bench_prefill(cfg: BenchConfig, device: torch.device, log) -> list[dict]:
+def bench_prefill(cfg: BenchConfig, device: torch.device, log, failed: list) -> list[dict]:
     """Per context: dense causal prefill attention of one layer vs each method's
     compression work on that prefill's keys/values (batch ``cfg.prefill_batch``)."""
     rows = []
@@ -619,8 +635,15 @@ def bench_prefill(cfg: BenchConfig, device: torch.device, log) -> list[dict]:
             m = METHODS[name]
             if m.prefill is None:
                 continue
-            what, run = m.prefill(k, v, cfg, g)
-            tm = _stats(time_calls(lambda f: f(), [run], warm, cfg.prefill_repeats, device), 1e3)
+            try:
+                what, run = m.prefill(k, v, cfg, g)
+                tm = _stats(
+                    time_calls(lambda f: f(), [run], warm, cfg.prefill_repeats, device), 1e3
+                )
+            except Exception as e:
+                _failure(f"prefill {name} context {ctx}", e, failed, log)
+                _free(device)
+                continue
             ratio = tm["median"] / t["median"] if t["median"] > 0 else None
             rows.append({**base, "method": name, "what": what, "ms": tm["median"],
                          "timing_ms": tm, "vs_prefill_attention": ratio})  # fmt: skip
@@ -642,7 +665,7 @@ def _cache_bytes(cache) -> int:
     return total
 
 
-def bench_generate(cfg: BenchConfig, device: torch.device, log) -> dict:
+def bench_generate(cfg: BenchConfig, device: torch.device, log, failed: list) -> dict:
     """End-to-end greedy ``generate`` of ``gen_tokens`` after a ``gen_context`` prompt,
     dense (the model's SDPA and DynamicCache) and with each method installed."""
     from transformers import DynamicCache
@@ -689,39 +712,45 @@ def bench_generate(cfg: BenchConfig, device: torch.device, log) -> dict:
             except ValueError as e:  # e.g. a method this runtime does not know yet
                 out.setdefault("skipped", []).append(f"{name}: {e}")
                 continue
-        model.set_attn_implementation("sdpa" if name == "dense" else "kvsurgery")
-        # warm-up at the real length: kernels compile, OMP/k-means paths run once
-        generate(name, ids, mask, 2)
-        _sync(device)
-        cache = fresh_cache(name)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)  # fmt: skip
-        _sync(device)
-        t_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cache = generate(name, ids, mask, n_new)
-        _sync(device)
-        t_gen = time.perf_counter() - t0
-        nbytes = _cache_bytes(cache)
-        decode_s = t_gen - t_prefill
-        row = {
-            "method": name,
-            "prefill_s": t_prefill,
-            "generate_s": t_gen,
-            "tokens_per_s": B * n_new / t_gen,
-            # the first new token comes out of the prefill
-            "decode_tokens_per_s": B * (n_new - 1) / decode_s
-            if n_new > 1 and decode_s > 0
-            else None,
-            "cache_bytes": nbytes,
-            "cache_bytes_per_token": nbytes / (B * (ctx + n_new)),
-        }
-        out["rows"].append(row)
-        log(f"generate {name:>10}: {row['tokens_per_s']:.1f} tokens/s, prefill {t_prefill:.3f} s")
-        del cache
-        _free(device)
+        try:
+            model.set_attn_implementation("sdpa" if name == "dense" else "kvsurgery")
+            # warm-up at the real length: kernels compile, OMP/k-means paths run once
+            generate(name, ids, mask, 2)
+            _sync(device)
+            cache = fresh_cache(name)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                      logits_to_keep=1)  # fmt: skip
+            _sync(device)
+            t_prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cache = generate(name, ids, mask, n_new)
+            _sync(device)
+            t_gen = time.perf_counter() - t0
+            nbytes = _cache_bytes(cache)
+            decode_s = t_gen - t_prefill
+            row = {
+                "method": name,
+                "prefill_s": t_prefill,
+                "generate_s": t_gen,
+                "tokens_per_s": B * n_new / t_gen,
+                # the first new token comes out of the prefill
+                "decode_tokens_per_s": B * (n_new - 1) / decode_s
+                if n_new > 1 and decode_s > 0
+                else None,
+                "cache_bytes": nbytes,
+                "cache_bytes_per_token": nbytes / (B * (ctx + n_new)),
+            }
+            out["rows"].append(row)
+            log(
+                f"generate {name:>10}: {row['tokens_per_s']:.1f} tokens/s, prefill {t_prefill:.3f} s"
+            )
+            del cache
+            _free(device)
+        except Exception as e:  # recorded; the other methods still run
+            _failure(f"generate {name}", e, failed, log)
+            _free(device)
     model.set_attn_implementation("sdpa")
     return out
 
@@ -787,16 +816,17 @@ def run_bench(cfg: BenchConfig, *, out: str | None = None, plot: str | None = No
         "prefill": [],
         "generate": None,
         "skipped": [],
+        "failed": [],
     }
     missing = [n for n, m in METHODS.items() if m.missing()]
     for n in missing:
         results["skipped"].append(f"{n}: {METHODS[n].missing()}")
     with torch.inference_mode():
-        results["decode"] = bench_decode(cfg, device, log)
+        results["decode"] = bench_decode(cfg, device, log, results["failed"])
         if cfg.prefill:
-            results["prefill"] = bench_prefill(cfg, device, log)
+            results["prefill"] = bench_prefill(cfg, device, log, results["failed"])
     if cfg.model:
-        results["generate"] = bench_generate(cfg, device, log)
+        results["generate"] = bench_generate(cfg, device, log, results["failed"])
     else:
         results["skipped"].append("generate: no --model given")
     if out:

@@ -111,3 +111,66 @@ def smollm2():
     from kvsurgery.models import load_model
 
     return load_model("smollm2-135m")
+
+
+# -- compiled Triton kernels on a GPU ----------------------------------------------------
+# The kernel tests build CPU tensors and, in CI, run the kernels under TRITON_INTERPRET=1.
+# On a machine with CUDA (and TRITON_INTERPRET unset) `on_device` runs the same calls on the
+# GPU: tensors go over (views keep their strides), results come back, and tensors the call
+# changed in place (cache state) are copied back, so each test checks the compiled kernel
+# against its CPU reference unchanged.
+
+
+def _to_device(x: torch.Tensor, dev) -> torch.Tensor:
+    base = x._base if x._base is not None else x
+    if x is base or not base.is_contiguous() or base.storage_offset() != 0:
+        return x.to(dev)
+    g = base.to(dev)
+    return g.as_strided(x.size(), x.stride(), x.storage_offset())
+
+
+def on_device(fn, dev):
+    """``fn`` with its CPU tensor arguments (also inside dicts, lists, tuples) on ``dev``."""
+
+    def call(*args, **kwargs):
+        moved = {}
+
+        def there(x):
+            if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+                if id(x) not in moved:
+                    moved[id(x)] = (x, _to_device(x, dev))
+                return moved[id(x)][1]
+            if isinstance(x, dict):
+                return {k: there(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(there(v) for v in x)
+            return x
+
+        def back(x):
+            if isinstance(x, torch.Tensor):
+                return x.cpu()
+            if isinstance(x, (list, tuple)):
+                return type(x)(back(v) for v in x)
+            return x
+
+        out = fn(*there(args), **there(kwargs))
+        for orig, moved_x in moved.values():
+            now = moved_x.cpu()
+            if not torch.equal(orig, now):  # written in place by the kernel
+                orig.copy_(now)
+        return back(out)
+
+    call.__wrapped__ = fn
+    return call
+
+
+@pytest.fixture
+def kernels_on_gpu(monkeypatch):
+    """``kernels_on_gpu(module, names)``: route those Triton entry points through
+    :func:`on_device` for this test (a no-op unless called)."""
+
+    def patch(module, names):
+        for name in names:
+            monkeypatch.setattr(module, name, on_device(getattr(module, name), "cuda"))
+
+    return patch

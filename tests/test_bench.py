@@ -111,6 +111,31 @@ def test_timer_measures_the_step(monkeypatch):
     assert by["slow"]["speedup_vs_dense"] < 1
 
 
+def test_a_failing_method_is_reported_and_the_rest_still_run(monkeypatch):
+    """One method raising (say a kernel this Triton cannot compile) is recorded in
+    ``failed`` and printed; the other methods and cells are still measured."""
+
+    def broken(state, q):
+        raise RuntimeError("PassManager::run failed\nlong compiler dump")
+
+    monkeypatch.setitem(bm.METHODS, "broken", bm.BenchMethod("broken", bm._dense_build, broken))
+    monkeypatch.setitem(bm.METHODS, "slow", bm.BenchMethod("slow", bm._dense_build, bm._dense_step))
+    cfg = BenchConfig(contexts=(64, 128), batches=(1,), heads=H, kv_heads=HKV, head_dim=D,
+                      dtype="float32", methods=("broken", "slow"), repeats=2, warmup=0,
+                      prefill=False, threads=1)  # fmt: skip
+    r = bm.run_bench(cfg, log=lambda m: None)
+    assert {(x["method"], x["context"]) for x in r["decode"]} == {
+        (m, c) for m in ("dense", "slow") for c in (64, 128)
+    }
+    assert r["failed"] == [
+        f"decode broken batch 1 context {c}: RuntimeError: PassManager::run failed"
+        for c in (64, 128)
+    ]
+    table = results_table(r)
+    assert "# FAILED: decode broken batch 1 context 64: RuntimeError" in table
+    assert "broken us" not in table  # no column for a method without a single row
+
+
 def test_generate_tokens_per_second(tiny_llama_dir, tmp_path):
     out = tmp_path / "g.json"
     res = _run([*TINY, "--contexts", "256", "--no-prefill", "--model", str(tiny_llama_dir),

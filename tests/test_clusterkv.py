@@ -9,25 +9,45 @@ re-run this file in a subprocess instead (``test_triton_suite_in_subprocess``).
 import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Compiled kernels where a GPU is; elsewhere Triton's interpreter, which must be chosen
+# before the first `import triton` of the process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from kvsurgery.kernels import clusterkv as ck  # noqa: E402
 
 from kvsurgery.runtime import kvs_attention  # noqa: E402
 from kvsurgery.runtime.kvs_clusterkv import KV_BLOCK, ClusterKVLayer  # noqa: E402
 from kvsurgery.runtime.kvs_methods import KVSurgeryCache  # noqa: E402
 
-CAN_RUN_TRITON = ck._HAS_TRITON and ck.triton_interpreter_active()
+# compiled on a GPU (each call's tensors moved there by the fixture below), else interpreted
+ON_GPU = ck._HAS_TRITON and torch.cuda.is_available() and not ck.triton_interpreter_active()
+CAN_RUN_TRITON = ck._HAS_TRITON and (ck.triton_interpreter_active() or ON_GPU)
 needs_triton = pytest.mark.skipif(
     not CAN_RUN_TRITON,
     reason="triton imported before TRITON_INTERPRET=1; covered by the subprocess test",
 )
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_gpu(kernels_on_gpu):
+    if ON_GPU:
+        kernels_on_gpu(
+            ck,
+            [
+                "kmeans_assign_triton",
+                "kmeans_update_triton",
+                "select_clusters_triton",
+                "sparse_attention_triton",
+            ],
+        )
 
 
 @pytest.fixture(autouse=True)

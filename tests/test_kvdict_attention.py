@@ -8,14 +8,18 @@ subprocess instead (see ``test_triton_suite_in_subprocess``).
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Compiled kernels where a GPU is; elsewhere Triton's interpreter, which must be chosen
+# before the first `import triton` of the process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from kvsurgery.kernels import kvdict_attention as kva  # noqa: E402
 
 CAN_RUN_TRITON = kva._HAS_TRITON and (kva.triton_interpreter_active() or torch.cuda.is_available())

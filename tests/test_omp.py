@@ -2,15 +2,18 @@
 
 import os
 
-# Must precede the first `import triton` of the process for the interpreter to be used; if
-# another test module imported triton first, the kernel tests re-run in a fresh process.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+# Compiled kernels where a GPU is; elsewhere Triton's interpreter, which must be chosen
+# before the first `import triton` of the process (if another test module imported triton
+# first, the kernel tests re-run in a fresh process).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from kvsurgery.kernels import omp as K  # noqa: E402
 
 INTERPRETED = K.HAS_TRITON and K._interpreted()
@@ -256,12 +259,12 @@ def test_triton_matches_reference(m, d, n, s, tol):
 def test_triton_exact_recovery_and_ties():
     D = _dict(64, 128)
     x, support, coef = _sparse(20, D, 5)
-    idx, got = K.omp_triton(x, D, 5)
-    assert torch.equal(idx.sort(1).values, support.sort(1).values)
+    idx, got = K.omp_triton(x.to(DEV), D.to(DEV), 5)
+    assert torch.equal(idx.cpu().sort(1).values, support.sort(1).values)
     # Exact ties (identity dictionary, equal entries) resolve to the lowest index, as in torch.
     xt = torch.tensor([[1.0, 2.0, 2.0, 1.0, 0.5] + [0.0] * 35])
     assert (
-        K.omp_triton(xt, torch.eye(40), 3)[0].tolist()
+        K.omp_triton(xt.to(DEV), torch.eye(40, device=DEV), 3)[0].tolist()
         == K.omp_ref(xt, torch.eye(40), 3)[0].tolist()
     )
 
