@@ -731,10 +731,10 @@ def kvdict_decode_triton(
     comp_mask: torch.Tensor | None = None,
     exact_mask: torch.Tensor | None = None,
     *,
-    block_t: int = 64,
+    block_t: int = 256,
     split_len: int | None = None,
     esplit_len: int = 32,
-    num_warps: int = 4,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Single-query KV-Dict decode attention with the split-T Triton kernels.
 
@@ -751,7 +751,9 @@ def kvdict_decode_triton(
         exact_mask: ``(B, E)`` (or ``(B, 1, E)``) bool; None = all.
         block_t: tokens per tile. split_len: compressed tokens per split (None =
             heuristic). esplit_len: exact tokens per exact split.
-        num_warps: warps per program of the two T-loop kernels.
+        num_warps: warps per program of the two T-loop kernels. The defaults (256 tokens,
+            8 warps) ran 1.4-1.6x faster than 64 and 4 on an H100 at 128k (batch 1) and 32k
+            (batch 8): more independent gathers in flight per program.
 
     Returns:
         ``(B, H, 1, d)`` in q's dtype; fully masked rows are zeros.
