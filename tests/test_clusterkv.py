@@ -246,6 +246,19 @@ def test_select_triton_matches_ref(BH, C, budget):
     assert torch.equal(out[0], brute_force_select(scores, sizes, budget, offsets)[0])
 
 
+def test_dispatcher_selects_many_clusters_with_the_sort_path(monkeypatch):
+    """All-pairs Triton ranking up to TRITON_SELECT_MAX_CLUSTERS, the O(C log C) sort above
+    (8-token clusters at 128k made the all-pairs ranking take milliseconds on an H100)."""
+    calls = []
+    monkeypatch.setattr(ck, "_DISPATCH_CPU_TO_TRITON", True)
+    monkeypatch.setattr(ck, "select_clusters_triton", lambda *a: calls.append("triton") or 1)
+    monkeypatch.setattr(ck, "select_clusters_ref", lambda *a: calls.append("ref") or 2)
+    limit = ck.TRITON_SELECT_MAX_CLUSTERS
+    for C in (3, limit, limit + 1, 16 * limit):
+        ck.select_clusters(torch.zeros(2, C), torch.ones(2, C, dtype=torch.int32), 8)
+    assert calls == ["triton", "triton", "ref", "ref"]
+
+
 @pytest.mark.parametrize("impl", ["ref", "triton"])
 def test_selection_takes_exactly_the_highest_scoring_clusters(impl):
     if impl == "triton" and not CAN_RUN_TRITON:
