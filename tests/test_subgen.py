@@ -8,8 +8,6 @@ are skipped here (test_clusterkv.py re-runs its own in a subprocess the same way
 """
 
 import os
-import subprocess
-import sys
 
 import torch  # importing torch does not import triton
 
@@ -997,25 +995,7 @@ def test_mean_estimator_calibrates_exports_and_loads_in_fresh_process(tiny_llama
 
 
 _SM90_COMPILE = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    import triton.backends.nvidia  # noqa: F401
-except Exception as e:
-    print("SKIP", repr(e)); sys.exit(0)
 from kvsurgery.kernels import subgen as sg
-
-def build(fn, ptrs, consts, floats=()):
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
-        sig[n] = "constexpr" if n in consts else ptrs.get(n, "fp32" if n in floats else "i32")
-        if sig[n].startswith("*") or (n.startswith("stride_") and n[-1] in "bh"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 for smp_v, S, mask, prec in [(False, 256, True, "tf32"), (True, 0, False, "ieee")]:
     build(sg._subgen_attn_kernel,
@@ -1037,16 +1017,8 @@ print("OK")
 
 
 @pytest.mark.skipif(not sg._HAS_TRITON, reason="no triton")
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(compile_for_sm90):
     """The interpreter runs kernels as Python and skips Triton's compiler passes; compile
     them for sm_90 (no GPU needed) so codegen errors show up here, not on the H100 (Triton
     3.6 once failed on three identical `qv[:, None, :]` broadcasts in the attention kernel)."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    if r.stdout.startswith("SKIP"):
-        pytest.skip(r.stdout.strip())
-    assert "OK" in r.stdout
+    compile_for_sm90(_SM90_COMPILE)
