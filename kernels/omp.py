@@ -59,8 +59,11 @@ _CPU_WORKSPACE_BYTES = 32 * 2**20
 _MIN_CHUNK = 128
 
 
-def _prepare(x: torch.Tensor, D: torch.Tensor, s: int, gram: torch.Tensor | None):
-    """Check shapes and return ``(x2 (M, d) fp32, D (d, N) fp32, G (N, N) fp32, lead)``."""
+def _prepare(
+    x: torch.Tensor, D: torch.Tensor, s: int, gram: torch.Tensor | None, need_gram: bool = True
+):
+    """Check shapes and return ``(x2 (M, d) fp32, D (d, N) fp32, G (N, N) fp32, lead)``
+    (``G`` is ``None`` when not given and ``need_gram`` is false)."""
     if D.dim() != 2:
         raise ValueError(f"D must be (d, N), got shape {tuple(D.shape)}")
     d, n_atoms = D.shape
@@ -72,7 +75,7 @@ def _prepare(x: torch.Tensor, D: torch.Tensor, s: int, gram: torch.Tensor | None
     x2 = x.reshape(-1, d).to(torch.float32)
     Df = D.to(device=x2.device, dtype=torch.float32)
     if gram is None:
-        G = Df.T @ Df
+        G = Df.T @ Df if need_gram else None
     else:
         if tuple(gram.shape) != (n_atoms, n_atoms):
             raise ValueError(
@@ -356,6 +359,173 @@ if triton is not None:
         tl.store(idx_ptr + out, idx.to(tl.int64), mask=out_ok)
         tl.store(coef_ptr + out, a, mask=out_ok)
 
+    # ------------------------------------------------------------------------------------
+    # GEMM variant: two kernels per step. _omp_kernel updates c = p - G[:, I] a through Gram
+    # rows: (k + 1) N floats per vector and step, none shared between vectors (at N = 4096
+    # the 64 MiB Gram matrix is read from HBM). Here each step
+    #   1. _omp_corr_kernel: correlations of every residual with every atom, D^T r, as a
+    #      tensor-core GEMM (K = d, small), each dictionary tile shared by BLOCK_M vectors,
+    #      with the argmax over atoms fused (the (M, N) product is never written);
+    #   2. _omp_step_kernel: per vector, the inverse-Cholesky update for the chosen atom
+    #      (G[I, j] as dot products of gathered atom rows, so no Gram matrix), the fp32
+    #      least-squares coefficients, and the next residual r = x - D[:, I] a.
+    # Only the choice of atoms sees the correlation dtype; coefficients are fp32.
+    # ------------------------------------------------------------------------------------
+
+    @triton.jit(do_not_specialize=["M"])
+    def _omp_corr_kernel(
+        r_ptr,  # (M, D_PAD) residuals in the correlation dtype, zero beyond DIM
+        dc_ptr,  # (D_PAD, N) dictionary in the correlation dtype, zero rows beyond DIM
+        j_ptr,  # (M,) int32 out: argmax_n |D[:, n]^T r| (lowest index on ties)
+        jval_ptr,  # (M,) fp32 out: that |correlation|
+        M,
+        N,
+        D_PAD: tl.constexpr,  # padded head dim (tl.dot inner size, >= 16)
+        BLOCK_M: tl.constexpr,  # vectors per program
+        BLOCK_N: tl.constexpr,  # atoms per streamed tile
+        PREC: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 correlations)
+        # Triton's CPU interpreter multiplies bf16 tiles wrongly (Triton 3.9: off by 1e10);
+        # there the bf16 operands are multiplied in fp32: the same exact products.
+        UPCAST_DOT: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)
+        offs_d = tl.arange(0, D_PAD)
+        r = tl.load(r_ptr + rows[:, None] * D_PAD + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        best_val = tl.full([BLOCK_M], -1.0, tl.float32)
+        best_idx = tl.zeros([BLOCK_M], tl.int32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            dt = tl.load(
+                dc_ptr + offs_d[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0.0
+            )
+            if UPCAST_DOT:
+                c = tl.dot(r.to(tl.float32), dt.to(tl.float32), input_precision="ieee")
+            else:
+                c = tl.dot(r, dt, input_precision=PREC)
+            score = tl.where(n_ok[None, :], tl.abs(c), -1.0)
+            tile_val = tl.max(score, axis=1)
+            tile_arg = tl.argmax(score, axis=1) + n0
+            upd = tile_val > best_val  # strict: the earliest tile wins ties, like torch
+            best_val = tl.where(upd, tile_val, best_val)
+            best_idx = tl.where(upd, tile_arg, best_idx)
+        tl.store(j_ptr + rows, best_idx, mask=m_ok)
+        tl.store(jval_ptr + rows, best_val, mask=m_ok)
+
+    @triton.jit(do_not_specialize=["M", "k"])
+    def _omp_step_kernel(
+        x_ptr,  # (M, DIM) fp32
+        dt_ptr,  # (N, DIM) fp32 dictionary, transposed: one contiguous row per atom
+        r_ptr,  # (M, D_PAD) out: next residual (correlation dtype)
+        rn_ptr,  # (M,) fp32 in/out: ||r||
+        j_ptr,  # (M,) int32: the atom _omp_corr_kernel chose
+        jval_ptr,  # (M,) fp32: its |correlation|
+        b_ptr,  # (M, S_PAD, S_PAD) fp32 state: inverse Cholesky factor of G[I, I]
+        z_ptr,  # (M, S_PAD) fp32 state: B p[I]
+        done_ptr,  # (M,) int32 state: 1 = takes no more atoms
+        idx_ptr,  # (M, S) int64 out
+        coef_ptr,  # (M, S) fp32 out (rewritten every step)
+        err_ptr,  # (M, S) fp32 out
+        M,
+        N,
+        DIM,
+        k,  # this step (slot) index
+        tol,
+        S: tl.constexpr,
+        S_PAD: tl.constexpr,
+        D_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        HAS_TOL: tl.constexpr,
+        DEP_TOL: tl.constexpr,
+        # An atom is taken only if |corr| > CORR_FLOOR * ||r||: chosen atoms correlate with
+        # the residual at rounding level only (it is orthogonal to them), so the floor keeps
+        # them from being chosen again without an exclusion mask in the GEMM.
+        CORR_FLOOR: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)
+        offs_d = tl.arange(0, D_PAD)
+        d_ok = offs_d < DIM
+        md_ok = m_ok[:, None] & d_ok[None, :]
+        slots = tl.arange(0, S_PAD)
+        slot_2d = slots[None, :]
+        slot_row = slots[None, :, None]
+        ms_ok = m_ok[:, None] & (slot_2d < S)
+
+        x = tl.load(x_ptr + rows[:, None] * DIM + offs_d[None, :], mask=md_ok, other=0.0)
+        xx = tl.sum(x * x, axis=1)
+        safe_xx = tl.where(xx > 0.0, xx, 1.0)
+        done = tl.load(done_ptr + rows, mask=m_ok, other=1)
+        j = tl.load(j_ptr + rows, mask=m_ok, other=0)
+        jval = tl.load(jval_ptr + rows, mask=m_ok, other=0.0)
+        rn = tl.load(rn_ptr + rows, mask=m_ok, other=0.0)
+        b_off = (rows[:, None, None] * S_PAD + slot_row) * S_PAD + slots[None, None, :]
+        B = tl.load(b_ptr + b_off, mask=m_ok[:, None, None], other=0.0)
+        z = tl.load(z_ptr + rows[:, None] * S_PAD + slot_2d, mask=m_ok[:, None], other=0.0)
+        idx = tl.load(idx_ptr + rows[:, None] * S + slot_2d, mask=ms_ok, other=0)
+
+        dj = tl.load(
+            dt_ptr + j.to(tl.int64)[:, None] * DIM + offs_d[None, :], mask=md_ok, other=0.0
+        )
+        pj = tl.sum(dj * x, axis=1)  # p[j] = D[:, j]^T x
+        gjj = tl.sum(dj * dj, axis=1)
+        g = tl.zeros([BLOCK_M, S_PAD], tl.float32)  # G[I, j] = D[:, I]^T D[:, j]
+        for i in range(0, k):
+            sel = slot_2d == i
+            d_i = tl.load(
+                dt_ptr + tl.sum(tl.where(sel, idx, 0), axis=1)[:, None] * DIM + offs_d[None, :],
+                mask=md_ok,
+                other=0.0,
+            )
+            g = tl.where(sel, tl.sum(d_i * dj, axis=1)[:, None], g)
+        w = tl.sum(B * g[:, None, :], axis=2)  # L^{-1} G[I, j]
+        delta2 = gjj - tl.sum(w * w, axis=1)
+        active = (done == 0) & (jval > CORR_FLOOR * rn) & (delta2 > DEP_TOL * gjj)
+        inv_delta = 1.0 / tl.sqrt(tl.maximum(delta2, 1e-30))
+        u = tl.sum(B * w[:, :, None], axis=1)
+        new_row = tl.where(slot_2d < k, -u * inv_delta[:, None], 0.0)
+        new_row = tl.where(slot_2d == k, inv_delta[:, None], new_row)
+        # inactive vectors: identity row and z_k = 0, so this slot's coefficient is 0
+        new_row = tl.where(active[:, None], new_row, tl.where(slot_2d == k, 1.0, 0.0))
+        B = tl.where(slot_row == k, new_row[:, None, :], B)
+        zk = tl.where(active, (pj - tl.sum(w * z, axis=1)) * inv_delta, 0.0)
+        z = tl.where(slot_2d == k, zk[:, None], z)
+        idx = tl.where(slot_2d == k, tl.where(active, j, 0).to(tl.int64)[:, None], idx)
+        done = tl.where(active, done, 1)
+        a = tl.sum(B * z[:, :, None], axis=1)  # coefficients B^T z
+        r2 = tl.maximum(xx - tl.sum(z * z, axis=1), 0.0)
+        rel = tl.where(xx > 0.0, tl.sqrt(r2 / safe_xx), 0.0)
+        if HAS_TOL:
+            done = tl.where(rel <= tol, 1, done)
+        tl.store(err_ptr + rows * S + k, rel, mask=m_ok)
+        tl.store(b_ptr + b_off, B, mask=m_ok[:, None, None])
+        tl.store(z_ptr + rows[:, None] * S_PAD + slot_2d, z, mask=m_ok[:, None])
+        tl.store(idx_ptr + rows[:, None] * S + slot_2d, idx, mask=ms_ok)
+        tl.store(coef_ptr + rows[:, None] * S + slot_2d, a, mask=ms_ok)
+        tl.store(done_ptr + rows, done, mask=m_ok)
+        if k + 1 < S:
+            # the next residual r = x - D[:, I] a, one gathered atom row per slot
+            r = x
+            for i in range(0, k + 1):
+                sel = slot_2d == i
+                d_i = tl.load(
+                    dt_ptr + tl.sum(tl.where(sel, idx, 0), axis=1)[:, None] * DIM + offs_d[None, :],
+                    mask=md_ok,
+                    other=0.0,
+                )
+                r = r - tl.sum(tl.where(sel, a, 0.0), axis=1)[:, None] * d_i
+            tl.store(rn_ptr + rows, tl.sqrt(tl.sum(r * r, axis=1)), mask=m_ok)
+            tl.store(
+                r_ptr + rows[:, None] * D_PAD + offs_d[None, :],
+                r.to(r_ptr.dtype.element_ty),
+                mask=m_ok[:, None],
+            )
+
 
 def _interpreted() -> bool:
     """Whether this process runs Triton kernels in the interpreter.
@@ -370,6 +540,20 @@ def _interpreted() -> bool:
     return isinstance(_omp_kernel, InterpretedFunction)
 
 
+# Launch defaults, chosen from ptxas -v on sm_90 at d = 128 (not yet timed): the Gram
+# kernel's 16 vectors x 16 atoms per tile, 8 warps up to s = 16 and 16 beyond, no spills;
+# the GEMM variant's correlation tiles of 128 vectors x 128 atoms on 8 warps (wgmma, 119
+# registers; 64 x 128 on 4 warps spills) and step programs of 16 vectors on 4 warps (185
+# registers at s = 8, 236 at s = 16, no spills; 32 vectors spill).
+_GRAM_LAUNCH = (16, 16)
+_GEMM_LAUNCH = dict(corr_m=128, corr_n=128, corr_warps=8, step_m=16, step_warps=4)
+# The GEMM variant's correlation floor (see _omp_step_kernel), relative to ||r||: bf16
+# rounding leaves chosen atoms near 1e-4 ||r|| (d = 128); 2^-7 is far above that, and an
+# atom below it would remove under 0.01% of the residual energy.
+_CORR_FLOOR = {"bfloat16": 2.0**-7, "float32": 0.0}
+ALGORITHMS = ("gram", "gemm")
+
+
 def omp_triton(
     x: torch.Tensor,
     D: torch.Tensor,
@@ -377,68 +561,124 @@ def omp_triton(
     gram: torch.Tensor | None = None,
     tol: float | None = None,
     return_errors: bool = False,
-    block_m: int = 16,
-    block_n: int = 16,
-    num_warps: int | None = None,
+    algorithm: str = "gram",
+    corr_dtype: str = "bfloat16",
+    **launch,
 ):
-    """OMP as one Triton kernel; same arguments and results as :func:`omp_ref`.
+    """OMP with Triton kernels; same arguments and results as :func:`omp_ref`.
 
     Runs compiled on CUDA tensors and in the Triton interpreter on CPU tensors (slow; for
     tests). Atom choices may differ from the reference only where two correlations tie to
-    within rounding.
+    within rounding (or, with bf16 correlations, nearly tie).
 
-    The defaults (16 vectors x 16 atoms per tile, 8 warps up to s = 16 and 16 warps
-    beyond) were chosen from ``ptxas -v`` on sm_90: no register spills for s <= 16 at
-    d = 128; they have not been timed on a GPU.
+    ``algorithm``:
+
+    * ``"gram"`` -- one kernel, the reference's algorithm: ``p = D^T x`` once, then
+      correlations updated through rows of ``G``. Measured on an H100: 0.61 M vectors/s at
+      s = 8, N = 4096, d = 128 (every vector and step reads ``k + 1`` Gram rows; at
+      N = 4096 ``G`` is 64 MiB, past L2).
+    * ``"gemm"`` -- two kernels per step: the correlations of every residual with every
+      atom as one tensor-core GEMM with a fused argmax, in ``corr_dtype`` (``"bfloat16"``,
+      or ``"float32"`` with IEEE products, which picks the reference's atoms), then the
+      per-vector least-squares update and next residual in fp32. Needs no Gram matrix
+      (``gram`` is ignored). Not yet timed on a GPU: ``scripts/bench_omp_gpu.py``.
+
+    ``launch`` overrides tile sizes: ``block_m``, ``block_n``, ``num_warps`` for ``gram``;
+    the keys of ``_GEMM_LAUNCH`` for ``gemm``.
     """
     if triton is None:
         raise RuntimeError("omp_triton needs triton; use omp_ref")
-    x2, Df, G, lead = _prepare(x, D, s, gram)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "gemm" and corr_dtype not in _CORR_FLOOR:
+        raise ValueError(f"corr_dtype must be one of {sorted(_CORR_FLOOR)}, got {corr_dtype!r}")
+    x2, Df, G, lead = _prepare(x, D, s, gram, need_gram=algorithm == "gram")
     x2 = x2.contiguous()
-    Df = Df.contiguous()
-    G = G.contiguous()
     M = x2.shape[0]
-    d, n_atoms = Df.shape
     dev = x2.device
     idx = torch.zeros(M, s, dtype=torch.int64, device=dev)
     coef = torch.zeros(M, s, dtype=torch.float32, device=dev)
     err = torch.zeros(M, s, dtype=torch.float32, device=dev)
-    if num_warps is None:
-        num_warps = 8 if s <= 16 else 16
     if M:
         if dev.type == "cpu" and not _interpreted():
             raise RuntimeError(
-                "omp_triton got CPU tensors but Triton is in compiled mode: set TRITON_INTERPRET=1 "
-                "before triton is first imported, or use omp_ref"
+                "omp_triton got CPU tensors but Triton is in compiled mode: set "
+                "TRITON_INTERPRET=1 before triton is first imported, or use omp_ref"
             )
-        step = max(block_m, (_WORKSPACE_BYTES // (4 * n_atoms)) // block_m * block_m)
-        step = min(step, triton.cdiv(M, block_m) * block_m)
-        scratch = torch.empty(step, n_atoms, dtype=torch.float32, device=dev)
-        for start in range(0, M, step):
-            m = min(step, M - start)
-            grid = (triton.cdiv(m, block_m),)
-            _omp_kernel[grid](
-                x2[start:],
-                Df,
-                G,
-                scratch,
-                idx[start:],
-                coef[start:],
-                err[start:],
-                m,
-                n_atoms,
-                d,
-                float(tol) if tol is not None else 0.0,
-                S=s,
-                S_PAD=max(2, _next_pow2(s)),
-                D_PAD=max(16, _next_pow2(d)),
-                BLOCK_M=block_m,
-                BLOCK_N=block_n,
-                HAS_TOL=tol is not None,
-                DEP_TOL=DEP_EPS,
-                num_warps=num_warps,
-            )
+        args = (x2, Df.contiguous(), idx, coef, err, s, tol)
+        if algorithm == "gram":
+            _launch_gram(*args, G.contiguous(), **launch)
+        else:
+            _launch_gemm(*args, corr_dtype, **launch)
     return _finish(idx, coef, err, lead, s, return_errors)
+
+
+def _launch_gram(x2, Df, idx, coef, err, s, tol, G, block_m=None, block_n=None, num_warps=None):
+    M = x2.shape[0]
+    d, n_atoms = Df.shape
+    block_m = block_m or _GRAM_LAUNCH[0]
+    block_n = block_n or _GRAM_LAUNCH[1]
+    num_warps = num_warps or (8 if s <= 16 else 16)
+    step = max(block_m, (_WORKSPACE_BYTES // (4 * n_atoms)) // block_m * block_m)
+    step = min(step, triton.cdiv(M, block_m) * block_m)
+    scratch = torch.empty(step, n_atoms, dtype=torch.float32, device=x2.device)
+    for start in range(0, M, step):
+        m = min(step, M - start)
+        _omp_kernel[(triton.cdiv(m, block_m),)](
+            x2[start:], Df, G, scratch, idx[start:], coef[start:], err[start:], m, n_atoms, d,
+            float(tol) if tol is not None else 0.0,
+            S=s, S_PAD=max(2, _next_pow2(s)), D_PAD=max(16, _next_pow2(d)), BLOCK_M=block_m,
+            BLOCK_N=block_n, HAS_TOL=tol is not None, DEP_TOL=DEP_EPS, num_warps=num_warps,
+        )  # fmt: skip
+
+
+def _launch_gemm(x2, Df, idx, coef, err, s, tol, corr_dtype, **launch):
+    unknown = set(launch) - set(_GEMM_LAUNCH)
+    if unknown:
+        raise TypeError(f"unknown launch settings for gemm: {sorted(unknown)}")
+    cfg = {**_GEMM_LAUNCH, **launch}
+    M = x2.shape[0]
+    d, n_atoms = Df.shape
+    dev = x2.device
+    d_pad, s_pad = max(16, _next_pow2(d)), max(2, _next_pow2(s))
+    cdt = torch.bfloat16 if corr_dtype == "bfloat16" else torch.float32
+    dc = torch.zeros(d_pad, n_atoms, dtype=cdt, device=dev)
+    dc[:d] = Df
+    dt = Df.T.contiguous()
+    # per-vector state, reused chunk by chunk: residual, ||r||, factor, z, done, argmax
+    per_vec = d_pad * cdt.itemsize + 4 * (s_pad * s_pad + s_pad + 4)
+    step = max(cfg["corr_m"], _WORKSPACE_BYTES // per_vec // cfg["corr_m"] * cfg["corr_m"])
+    step = min(step, M)
+    R = torch.zeros(step, d_pad, dtype=cdt, device=dev)
+    rn = torch.empty(step, dtype=torch.float32, device=dev)
+    B = torch.empty(step, s_pad, s_pad, dtype=torch.float32, device=dev)
+    z = torch.empty(step, s_pad, dtype=torch.float32, device=dev)
+    done = torch.empty(step, dtype=torch.int32, device=dev)
+    j = torch.empty(step, dtype=torch.int32, device=dev)
+    jval = torch.empty(step, dtype=torch.float32, device=dev)
+    interp = dev.type == "cpu"
+    for start in range(0, M, step):
+        m = min(step, M - start)
+        xs = x2[start : start + m]
+        R[:m, :d] = xs
+        torch.linalg.vector_norm(xs, dim=1, out=rn[:m])
+        B.zero_()
+        z.zero_()
+        done[:m] = rn[:m] == 0
+        grid_c = (triton.cdiv(m, cfg["corr_m"]),)
+        grid_s = (triton.cdiv(m, cfg["step_m"]),)
+        for k in range(s):
+            _omp_corr_kernel[grid_c](
+                R, dc, j, jval, m, n_atoms, D_PAD=d_pad, BLOCK_M=cfg["corr_m"],
+                BLOCK_N=cfg["corr_n"], PREC="ieee" if cdt == torch.float32 else "tf32",
+                UPCAST_DOT=interp and cdt == torch.bfloat16, num_warps=cfg["corr_warps"],
+            )  # fmt: skip
+            _omp_step_kernel[grid_s](
+                xs, dt, R, rn, j, jval, B, z, done, idx[start:], coef[start:], err[start:], m,
+                n_atoms, d, k, float(tol) if tol is not None else 0.0, S=s, S_PAD=s_pad,
+                D_PAD=d_pad, BLOCK_M=cfg["step_m"], HAS_TOL=tol is not None, DEP_TOL=DEP_EPS,
+                CORR_FLOOR=_CORR_FLOOR[corr_dtype], num_warps=cfg["step_warps"],
+            )  # fmt: skip
 
 
 def omp(

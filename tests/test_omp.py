@@ -228,12 +228,17 @@ def _correlations(x, D, prefix):
         (17, 8, 20, 5, None),
     ],
 )
-def test_triton_matches_reference(m, d, n, s, tol):
+@pytest.mark.parametrize("algorithm", ["gram", "gemm"])
+def test_triton_matches_reference(m, d, n, s, tol, algorithm):
+    """Both kernels against the reference; the GEMM variant with fp32 correlations, which
+    must then pick the reference's atoms (its bf16 default is tested below)."""
     D = _dict(d, n, seed=n)
     x = torch.randn(m, d, generator=torch.Generator().manual_seed(m + s))
     x[3] = 0
     ref = K.omp_ref(x, D, s, tol=tol, return_errors=True)
-    tri = [t.cpu() for t in K.omp_triton(x.to(DEV), D.to(DEV), s, tol=tol, return_errors=True)]
+    kw = dict(algorithm=algorithm, corr_dtype="float32")
+    tri = K.omp_triton(x.to(DEV), D.to(DEV), s, tol=tol, return_errors=True, **kw)
+    tri = [t.cpu() for t in tri]
     same = (ref[0] == tri[0]).all(1)
     for r in (~same).nonzero().flatten().tolist():
         # Only a near-tie may send the two down different paths.
@@ -255,18 +260,106 @@ def test_triton_matches_reference(m, d, n, s, tol):
         assert (tri[1] == 0).any()  # some vector did stop early
 
 
+KERNEL_VARIANTS = {
+    "gram": dict(algorithm="gram"),
+    "gemm-bf16": dict(algorithm="gemm", corr_dtype="bfloat16"),
+    "gemm-fp32": dict(algorithm="gemm", corr_dtype="float32"),
+}
+
+
 @needs_kernel
-def test_triton_exact_recovery_and_ties():
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_triton_exact_recovery_and_ties(variant):
+    kw = KERNEL_VARIANTS[variant]
     D = _dict(64, 128)
     x, support, coef = _sparse(20, D, 5)
-    idx, got = K.omp_triton(x.to(DEV), D.to(DEV), 5)
+    idx, got = K.omp_triton(x.to(DEV), D.to(DEV), 5, **kw)
     assert torch.equal(idx.cpu().sort(1).values, support.sort(1).values)
+    order_true, order_got = support.argsort(1), idx.cpu().argsort(1)
+    torch.testing.assert_close(
+        got.cpu().gather(1, order_got), coef.gather(1, order_true), atol=1e-4, rtol=1e-4
+    )
+    # More slots than the support: the residual is ~0 after 5 atoms, the rest add nothing.
+    idx8, got8 = K.omp_triton(x.to(DEV), D.to(DEV), 8, **kw)
+    rec = K.reconstruct(idx8.cpu(), got8.cpu(), D)
+    assert (rec - x).norm(dim=1).max() < 1e-4 * x.norm(dim=1).min()
+    assert torch.equal(idx8[:, :5].cpu().sort(1).values, support.sort(1).values)
     # Exact ties (identity dictionary, equal entries) resolve to the lowest index, as in torch.
     xt = torch.tensor([[1.0, 2.0, 2.0, 1.0, 0.5] + [0.0] * 35])
     assert (
-        K.omp_triton(xt.to(DEV), torch.eye(40, device=DEV), 3)[0].tolist()
+        K.omp_triton(xt.to(DEV), torch.eye(40, device=DEV), 3, **kw)[0].tolist()
         == K.omp_ref(xt, torch.eye(40), 3)[0].tolist()
     )
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["gemm-bf16", "gemm-fp32"])
+def test_triton_gemm_full_basis_is_lossless(variant):
+    """s = d on an orthonormal basis: every atom once, then the residual is zero. The GEMM
+    kernel has no explicit mask of chosen atoms (they sit below its correlation floor);
+    a re-picked atom would stop the vector early and leave x unreconstructed."""
+    d = 16
+    x = torch.randn(21, d, generator=torch.Generator().manual_seed(5))
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(6)))
+    idx, coef, err = K.omp_triton(x.to(DEV), Q.to(DEV), d, return_errors=True,
+                                  **KERNEL_VARIANTS[variant])  # fmt: skip
+    idx, coef, err = idx.cpu(), coef.cpu(), err.cpu()
+    assert torch.equal(idx.sort(1).values, torch.arange(d).expand(21, d))
+    torch.testing.assert_close(K.reconstruct(idx, coef, Q), x, atol=1e-4, rtol=1e-4)
+    assert err[:, -1].max() < 1e-3
+
+
+@needs_kernel
+def test_triton_gemm_bf16_codes_as_good_as_reference():
+    """bf16 correlations may pick another atom at a near-tie, never a worse code: the final
+    residual matches the reference's on average and row by row, and the coefficients are
+    the exact least-squares fit on whatever atoms were chosen."""
+    d, n, s, m = 64, 512, 8, 96
+    D = _dict(d, n, seed=7)
+    g = torch.Generator().manual_seed(8)
+    # structured vectors (a few strong atoms plus noise), like keys and values
+    x = K.reconstruct(torch.randint(0, n, (m, 4), generator=g), torch.randn(m, 4, generator=g), D)
+    x = x + 0.3 * torch.randn(m, d, generator=g)
+    ref = K.omp_ref(x, D, s, return_errors=True)
+    got = [t.cpu() for t in K.omp_triton(x.to(DEV), D.to(DEV), s, return_errors=True,
+                                         **KERNEL_VARIANTS["gemm-bf16"])]  # fmt: skip
+    assert (got[0] == ref[0]).all(1).float().mean() > 0.8
+    assert got[2][:, -1].mean() <= ref[2][:, -1].mean() * 1.01
+    assert (got[2][:, -1] - ref[2][:, -1]).max() < 0.02
+    for r in range(0, m, 7):
+        sub = D[:, got[0][r]].double()
+        torch.testing.assert_close(got[1][r].double(), _lsq(sub, x[r].double()), atol=1e-4,
+                                   rtol=1e-4)  # fmt: skip
+    rec = (K.reconstruct(got[0], got[1], D) - x).norm(dim=1) / x.norm(dim=1)
+    torch.testing.assert_close(rec, got[2][:, -1], atol=1e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_triton_gemm_chunks_and_padding(monkeypatch):
+    """Rows past one workspace chunk, d not a power of two, zero rows: same codes as one chunk."""
+    d, n, s, m = 24, 70, 4, 300
+    D = _dict(d, n, seed=9)
+    x = torch.randn(m, d, generator=torch.Generator().manual_seed(10))
+    x[[0, 150, 299]] = 0
+    kw = dict(algorithm="gemm", corr_dtype="float32", return_errors=True)
+    whole = [t.cpu() for t in K.omp_triton(x.to(DEV), D.to(DEV), s, **kw)]
+    monkeypatch.setattr(K, "_WORKSPACE_BYTES", 1)  # one corr tile (128 rows) per chunk
+    parts = [t.cpu() for t in K.omp_triton(x.to(DEV), D.to(DEV), s, **kw)]
+    for a, b in zip(whole, parts, strict=True):
+        assert torch.equal(a, b)
+    ref = K.omp_ref(x, D, s, return_errors=True)
+    assert (ref[0] == whole[0]).all(1).float().mean() > 0.95
+    torch.testing.assert_close(whole[2], ref[2], atol=1e-4, rtol=1e-4)
+    assert (whole[1][[0, 150, 299]] == 0).all() and (whole[2][[0, 150, 299]] == 0).all()
+
+
+@needs_kernel
+def test_triton_rejects_unknown_algorithm():
+    x, D = torch.randn(4, 16), _dict(16, 32)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        K.omp_triton(x.to(DEV), D.to(DEV), 2, algorithm="fast")
+    with pytest.raises(ValueError, match="corr_dtype must be one of"):
+        K.omp_triton(x.to(DEV), D.to(DEV), 2, algorithm="gemm", corr_dtype="float16")
 
 
 @pytest.mark.skipif(CAN_RUN_KERNEL or not K.HAS_TRITON, reason="kernel tests ran in-process")
@@ -283,7 +376,7 @@ def test_triton_in_fresh_interpreter_process():
             "-p",
             "no:cacheprovider",
             "-k",
-            "triton_matches or triton_exact",
+            "triton_",
         ],
         env=env,
         capture_output=True,
@@ -294,7 +387,9 @@ def test_triton_in_fresh_interpreter_process():
 
 
 _COMPILE_SM90 = r"""
-from kvsurgery.kernels.omp import DEP_EPS, _omp_kernel
+from kvsurgery.kernels.omp import (
+    _CORR_FLOOR, _GEMM_LAUNCH, DEP_EPS, _omp_corr_kernel, _omp_kernel, _omp_step_kernel,
+)
 
 ptrs = dict(x_ptr="*fp32", d_ptr="*fp32", g_ptr="*fp32", p_ptr="*fp32", idx_ptr="*i64",
             coef_ptr="*fp32", err_ptr="*fp32")
@@ -306,6 +401,25 @@ for s, s_pad, d_pad, has_tol, warps in [(8, 8, 128, True, 8), (3, 4, 16, False, 
     src = ASTSource(fn=_omp_kernel, signature=sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert "cubin" in k.asm
+for d_pad, cdt, prec in [(128, "*bf16", "tf32"), (16, "*fp32", "ieee")]:
+    ptrs = dict(r_ptr=cdt, dc_ptr=cdt, j_ptr="*i32", jval_ptr="*fp32")
+    consts = dict(D_PAD=d_pad, BLOCK_M=_GEMM_LAUNCH["corr_m"], BLOCK_N=_GEMM_LAUNCH["corr_n"],
+                  PREC=prec, UPCAST_DOT=False)
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in _omp_corr_kernel.arg_names}
+    src = ASTSource(fn=_omp_corr_kernel, signature=sig, constexprs=consts)
+    opts = {"num_warps": _GEMM_LAUNCH["corr_warps"]}
+    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm
+for s, s_pad, d_pad, cdt, has_tol in [(8, 8, 128, "*bf16", False), (5, 8, 64, "*fp32", True)]:
+    ptrs = dict(x_ptr="*fp32", dt_ptr="*fp32", r_ptr=cdt, rn_ptr="*fp32", j_ptr="*i32",
+                jval_ptr="*fp32", b_ptr="*fp32", z_ptr="*fp32", done_ptr="*i32", idx_ptr="*i64",
+                coef_ptr="*fp32", err_ptr="*fp32")
+    consts = dict(S=s, S_PAD=s_pad, D_PAD=d_pad, BLOCK_M=_GEMM_LAUNCH["step_m"],
+                  HAS_TOL=has_tol, DEP_TOL=DEP_EPS, CORR_FLOOR=_CORR_FLOOR["bfloat16"])
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "tol" else "i32")
+           for n in _omp_step_kernel.arg_names}
+    src = ASTSource(fn=_omp_step_kernel, signature=sig, constexprs=consts)
+    opts = {"num_warps": _GEMM_LAUNCH["step_warps"]}
+    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm
 print("OK")
 """
 
