@@ -10,7 +10,7 @@
 #                matplotlib is installed), table.txt, bench.log, env.txt, and
 #                clusterkv-estimate-rest, clusterkv-spread-ranking and
 #                clusterkv-estimate-rest-spread-ranking-tokens-per-cluster8 .{json,txt}
-#                (ClusterKV's options)
+#                (ClusterKV's options), omp.txt (scripts/bench_omp_gpu.py)
 #         MODEL  local model folder / cached alias for the generate run (default: skipped)
 #         PYTHON interpreter (default python); torch, transformers and triton must be there.
 # Needs nothing from the network: the repo is installed in place with --no-deps, or, when
@@ -69,4 +69,6 @@ for flags in --cluster-estimate-rest --cluster-spread-ranking \
   "$PY" -m kvsurgery.cli bench "$@" --methods clusterkv $flags --no-prefill \
     --out "$OUT/$name.json" 2>>"$OUT/bench.log" | tee "$OUT/$name.txt"
 done
+# OMP encoders side by side (Gram kernel, GEMM variant bf16 / fp32, its launch sweep)
+"$PY" scripts/bench_omp_gpu.py 2>>"$OUT/bench.log" | tee "$OUT/omp.txt"
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')" >&2
