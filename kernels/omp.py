@@ -17,6 +17,11 @@ The inverse factor (rather than ``L``) turns both triangular solves of each step
 plain matrix-vector products, which batch well in torch and need no dynamic indexing in
 Triton. ``z = B p[I]`` also gives the residual for free: ``||r||^2 = ||x||^2 - ||z||^2``.
 
+:func:`omp_triton` also offers a GEMM variant for large batches on a GPU: the same factor
+and coefficients, but each step recomputes the residual and its correlations ``D^T r`` with
+the whole dictionary as one tensor-core product (bf16 by default), instead of reading Gram
+rows; see the comment above ``_omp_corr_kernel``.
+
 A vector stops early (its remaining slots get ``idx 0`` and ``coef 0``, so every vector
 keeps ``s`` slots) when it is zero, when ``tol`` is given and its relative residual is
 ``<= tol``, or when the atom it would add is (numerically) in the span of those it already
