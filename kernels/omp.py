@@ -219,6 +219,26 @@ def _next_pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _chol_extend(B, z, g, gjj, pj, ok, k, slot_2d, slot_row, DEP_TOL: tl.constexpr):
+        """Both kernels' factor update: extend the inverse Cholesky factor ``B`` of
+        ``G[I, I]`` (and ``z = B p[I]``) by atom j in slot ``k``, given ``g = G[I, j]``,
+        ``gjj = G[j, j]`` and ``pj = p[j]``, for the vectors where ``ok`` holds and j is not
+        (numerically) in the span of ``I``. The others get an identity row and ``z_k = 0``,
+        so their coefficient for the slot comes out exactly 0. Returns ``(B, z, active)``."""
+        w = tl.sum(B * g[:, None, :], axis=2)  # L^{-1} G[I, j], indexed by i
+        delta2 = gjj - tl.sum(w * w, axis=1)
+        active = ok & (delta2 > DEP_TOL * gjj)
+        inv_delta = 1.0 / tl.sqrt(tl.maximum(delta2, 1e-30))
+        u = tl.sum(B * w[:, :, None], axis=1)  # w^T L^{-1}, indexed by t
+        new_row = tl.where(slot_2d < k, -u * inv_delta[:, None], 0.0)
+        new_row = tl.where(slot_2d == k, inv_delta[:, None], new_row)
+        new_row = tl.where(active[:, None], new_row, tl.where(slot_2d == k, 1.0, 0.0))
+        B = tl.where(slot_row == k, new_row[:, None, :], B)
+        zk = tl.where(active, (pj - tl.sum(w * z, axis=1)) * inv_delta, 0.0)
+        z = tl.where(slot_2d == k, zk[:, None], z)
+        return B, z, active
+
+    @triton.jit
     def _omp_kernel(
         x_ptr,  # (M, DIM) fp32
         d_ptr,  # (DIM, N) fp32 dictionary
@@ -308,19 +328,7 @@ if triton is not None:
             g = tl.load(g_ptr + idx.to(tl.int64) * N + j64[:, None], mask=prev, other=0.0)
             gjj = tl.load(g_ptr + j64 * N + j64, mask=m_ok, other=1.0)
             pj = tl.load(p_ptr + rows * N + j64, mask=m_ok, other=0.0)
-            w = tl.sum(B * g[:, None, :], axis=2)  # L^{-1} G[I, j], indexed by i
-            delta2 = gjj - tl.sum(w * w, axis=1)
-            active = (done == 0) & (delta2 > DEP_TOL * gjj)
-            inv_delta = 1.0 / tl.sqrt(tl.maximum(delta2, 1e-30))
-            u = tl.sum(B * w[:, :, None], axis=1)  # w^T L^{-1}, indexed by t
-            new_row = tl.where(slot_2d < k, -u * inv_delta[:, None], 0.0)
-            new_row = tl.where(slot_2d == k, inv_delta[:, None], new_row)
-            # Inactive lanes get an identity row and z_k = 0: their coefficients stay as
-            # they were and this slot's comes out exactly 0.
-            new_row = tl.where(active[:, None], new_row, tl.where(slot_2d == k, 1.0, 0.0))
-            B = tl.where(slot_row == k, new_row[:, None, :], B)
-            zk = tl.where(active, (pj - tl.sum(w * z, axis=1)) * inv_delta, 0.0)
-            z = tl.where(slot_2d == k, zk[:, None], z)
+            B, z, active = _chol_extend(B, z, g, gjj, pj, done == 0, k, slot_2d, slot_row, DEP_TOL)
             idx = tl.where(slot_2d == k, tl.where(active, j, 0)[:, None], idx)
             done = tl.where(active, done, 1)
             a = tl.sum(B * z[:, :, None], axis=1)
@@ -488,18 +496,8 @@ if triton is not None:
                 other=0.0,
             )
             g = tl.where(sel, tl.sum(d_i * dj, axis=1)[:, None], g)
-        w = tl.sum(B * g[:, None, :], axis=2)  # L^{-1} G[I, j]
-        delta2 = gjj - tl.sum(w * w, axis=1)
-        active = (done == 0) & (jval > CORR_FLOOR * rn) & (delta2 > DEP_TOL * gjj)
-        inv_delta = 1.0 / tl.sqrt(tl.maximum(delta2, 1e-30))
-        u = tl.sum(B * w[:, :, None], axis=1)
-        new_row = tl.where(slot_2d < k, -u * inv_delta[:, None], 0.0)
-        new_row = tl.where(slot_2d == k, inv_delta[:, None], new_row)
-        # inactive vectors: identity row and z_k = 0, so this slot's coefficient is 0
-        new_row = tl.where(active[:, None], new_row, tl.where(slot_2d == k, 1.0, 0.0))
-        B = tl.where(slot_row == k, new_row[:, None, :], B)
-        zk = tl.where(active, (pj - tl.sum(w * z, axis=1)) * inv_delta, 0.0)
-        z = tl.where(slot_2d == k, zk[:, None], z)
+        ok = (done == 0) & (jval > CORR_FLOOR * rn)
+        B, z, active = _chol_extend(B, z, g, gjj, pj, ok, k, slot_2d, slot_row, DEP_TOL)
         idx = tl.where(slot_2d == k, tl.where(active, j, 0).to(tl.int64)[:, None], idx)
         done = tl.where(active, done, 1)
         a = tl.sum(B * z[:, :, None], axis=1)  # coefficients B^T z
