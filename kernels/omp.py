@@ -239,6 +239,18 @@ if triton is not None:
         return B, z, active
 
     @triton.jit
+    def _slot(t, i, slot_2d):
+        """Column ``i`` of a per-vector state array ``t (BLOCK_M, S_PAD)``."""
+        return tl.sum(tl.where(slot_2d == i, t, 0), axis=1)
+
+    @triton.jit
+    def _atom_rows(dt_ptr, atoms, DIM, offs_d, md_ok):
+        """Rows ``D[:, atoms]^T`` ``(BLOCK_M, D_PAD)`` fp32 from the transposed dictionary."""
+        return tl.load(
+            dt_ptr + atoms.to(tl.int64)[:, None] * DIM + offs_d[None, :], mask=md_ok, other=0.0
+        )
+
+    @triton.jit
     def _omp_kernel(
         x_ptr,  # (M, DIM) fp32
         d_ptr,  # (DIM, N) fp32 dictionary
@@ -482,20 +494,13 @@ if triton is not None:
         z = tl.load(z_ptr + rows[:, None] * S_PAD + slot_2d, mask=m_ok[:, None], other=0.0)
         idx = tl.load(idx_ptr + rows[:, None] * S + slot_2d, mask=ms_ok, other=0)
 
-        dj = tl.load(
-            dt_ptr + j.to(tl.int64)[:, None] * DIM + offs_d[None, :], mask=md_ok, other=0.0
-        )
+        dj = _atom_rows(dt_ptr, j, DIM, offs_d, md_ok)
         pj = tl.sum(dj * x, axis=1)  # p[j] = D[:, j]^T x
         gjj = tl.sum(dj * dj, axis=1)
         g = tl.zeros([BLOCK_M, S_PAD], tl.float32)  # G[I, j] = D[:, I]^T D[:, j]
         for i in range(0, k):
-            sel = slot_2d == i
-            d_i = tl.load(
-                dt_ptr + tl.sum(tl.where(sel, idx, 0), axis=1)[:, None] * DIM + offs_d[None, :],
-                mask=md_ok,
-                other=0.0,
-            )
-            g = tl.where(sel, tl.sum(d_i * dj, axis=1)[:, None], g)
+            d_i = _atom_rows(dt_ptr, _slot(idx, i, slot_2d), DIM, offs_d, md_ok)
+            g = tl.where(slot_2d == i, tl.sum(d_i * dj, axis=1)[:, None], g)
         ok = (done == 0) & (jval > CORR_FLOOR * rn)
         B, z, active = _chol_extend(B, z, g, gjj, pj, ok, k, slot_2d, slot_row, DEP_TOL)
         idx = tl.where(slot_2d == k, tl.where(active, j, 0).to(tl.int64)[:, None], idx)
@@ -515,13 +520,8 @@ if triton is not None:
             # the next residual r = x - D[:, I] a, one gathered atom row per slot
             r = x
             for i in range(0, k + 1):
-                sel = slot_2d == i
-                d_i = tl.load(
-                    dt_ptr + tl.sum(tl.where(sel, idx, 0), axis=1)[:, None] * DIM + offs_d[None, :],
-                    mask=md_ok,
-                    other=0.0,
-                )
-                r = r - tl.sum(tl.where(sel, a, 0.0), axis=1)[:, None] * d_i
+                d_i = _atom_rows(dt_ptr, _slot(idx, i, slot_2d), DIM, offs_d, md_ok)
+                r = r - _slot(a, i, slot_2d)[:, None] * d_i
             tl.store(rn_ptr + rows, tl.sqrt(tl.sum(r * r, axis=1)), mask=m_ok)
             tl.store(
                 r_ptr + rows[:, None] * D_PAD + offs_d[None, :],
