@@ -18,20 +18,6 @@ from kvsurgery.kernels import omp as K
 from kvsurgery import bench_methods as bm
 
 
-def time_s(fn, repeats: int) -> float:
-    fn()  # compile and warm up
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -53,6 +39,9 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, M = {a.vectors}, s = {a.s}, N = {a.atoms}, "
           f"d = {a.dim}; target 50 M vectors/s")  # fmt: skip
 
+    def median_s(fn) -> float:  # one warm-up call (compiles), then CUDA-event timed calls
+        return statistics.median(bm.time_calls(lambda f: f(), [fn], 1, a.repeats, dev))
+
     def rel_err(idx, coef) -> float:
         rec = K.reconstruct(idx, coef, D)
         return float(((rec - x).norm(dim=1) / x.norm(dim=1)).mean())
@@ -68,7 +57,7 @@ def main():
         for name, fn in variants.items():
             try:
                 err = rel_err(*fn())
-                t = time_s(fn, a.repeats)
+                t = median_s(fn)
             except Exception as e:  # one failing variant is reported, the rest still run
                 print(f"{name:>18}: FAILED {e!r:.300}")
                 continue
@@ -90,7 +79,7 @@ def main():
 
             try:
                 err = rel_err(*fn())
-                t = time_s(fn, a.repeats)
+                t = median_s(fn)
             except Exception as e:
                 print(f"{cm} {cn} {cw} {sm} {sw}: FAILED {e!r:.200}")
                 continue
