@@ -5,7 +5,8 @@ A vector ``x`` (length ``d``) is approximated by ``s`` atoms (columns) of a dict
 
     x ~= sum_j coef[j] * D[:, idx[j]]
 
-Both implementations follow the same "Gram" variant of OMP, whose cost per vector is
+The reference (:func:`omp_ref`) and the Triton kernel (:func:`omp_triton`) follow the
+"Gram" variant of OMP, whose cost per vector is
 ``O(N d + s^2 N)`` instead of the ``O(s N d)`` of recomputing ``D^T r`` every step:
 
 * ``p = D^T x`` once;
@@ -22,13 +23,19 @@ and coefficients, but each step recomputes the residual and its correlations ``D
 the whole dictionary as one tensor-core product (bf16 by default), instead of reading Gram
 rows; see the comment above ``_omp_corr_kernel``.
 
+:func:`omp_cpu`, what :func:`omp` runs on CPU tensors, takes that route in torch: one
+``(m, d) x (d, N)`` product per step, which a CPU runs near its peak, where the Gram
+variant's per-vector Gram-row reads run far below it, and numpy's row argmax, ~10x
+torch's (``scripts/bench_omp_cpu.py``). It needs no Gram matrix, so CPU models keep none.
+
 A vector stops early (its remaining slots get ``idx 0`` and ``coef 0``, so every vector
 keeps ``s`` slots) when it is zero, when ``tol`` is given and its relative residual is
 ``<= tol``, or when the atom it would add is (numerically) in the span of those it already
 has, which would make the Cholesky factor singular.
 
 This module is copied flat into exported checkpoints: it imports only torch and the
-standard library, and Triton lazily, so it imports (and the reference runs) without it.
+standard library, and optionally numpy (which transformers needs) and Triton, so it
+imports (and the torch routes run) without them.
 """
 
 from __future__ import annotations
@@ -44,7 +51,12 @@ except Exception:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["omp", "omp_ref", "omp_triton", "reconstruct", "HAS_TRITON"]
+try:  # numpy's row argmax is ~10x torch's on CPU; transformers brings numpy along
+    import numpy
+except ImportError:  # pragma: no cover - depends on the environment
+    numpy = None
+
+__all__ = ["omp", "omp_cpu", "omp_ref", "omp_triton", "reconstruct", "HAS_TRITON"]
 
 HAS_TRITON = triton is not None
 
@@ -137,6 +149,32 @@ def omp_ref(
     return _finish(idx, coef, err, lead, s, return_errors)
 
 
+def _factor_step(B, z, idx, err, done, k, j, g, gjj, pj, xx, safe_xx, tol):
+    """Slot ``k`` of both torch routes, in place: extend the inverse Cholesky factor ``B`` of
+    ``G[I, I]`` and ``z = B p[I]`` by atom ``j`` given ``g = G[I, j]``, ``gjj = G[j, j]``,
+    ``pj = p[j]``; record the slot's index and relative error; mark vectors that stop in
+    ``done``. Returns the coefficients ``a = B^T z`` over slots ``0..k``."""
+    w = torch.bmm(B[:, :k, :k], g.unsqueeze(2)).squeeze(2)  # L^{-1} G[I, j]
+    delta2 = gjj - (w * w).sum(1)
+    active = ~done & (delta2 > DEP_EPS * gjj)
+    inv_delta = torch.rsqrt(delta2.clamp_min(1e-30))
+    u = torch.bmm(w.unsqueeze(1), B[:, :k, :k]).squeeze(1)
+    # Inactive rows get an identity row with z_k = 0: the factor stays invertible and
+    # their coefficient for this slot comes out exactly 0.
+    B[:, k, :k] = torch.where(active.unsqueeze(1), -u * inv_delta.unsqueeze(1), 0.0)
+    B[:, k, k] = torch.where(active, inv_delta, 1.0)
+    z[:, k] = torch.where(active, (pj - (w * z[:, :k]).sum(1)) * inv_delta, 0.0)
+    idx[:, k] = torch.where(active, j, 0)
+    done |= ~active
+    a = torch.bmm(z[:, None, : k + 1], B[:, : k + 1, : k + 1]).squeeze(1)  # B^T z
+    # Summed over all s slots (zeros beyond k) so a stopped vector's value is bit-stable.
+    r2 = (xx - (z * z).sum(1)).clamp_min(0.0)
+    err[:, k] = torch.where(xx > 0, torch.sqrt(r2 / safe_xx), 0.0)
+    if tol is not None:
+        done |= err[:, k] <= tol
+    return a
+
+
 def _omp_chunk(x: torch.Tensor, D: torch.Tensor, G: torch.Tensor, s: int, tol: float | None):
     m = x.shape[0]
     dev = x.device
@@ -161,28 +199,9 @@ def _omp_chunk(x: torch.Tensor, D: torch.Tensor, G: torch.Tensor, s: int, tol: f
             score.scatter_(1, picked[:, :k], -1.0)
         j = score.argmax(1)
         picked[:, k] = j
-        gjj = G[j, j]
         g = grows[:, :k].gather(2, j.view(m, 1, 1).expand(m, k, 1)).squeeze(2)  # G[I, j]
-        w = torch.bmm(B[:, :k, :k], g.unsqueeze(2)).squeeze(2)  # L^{-1} G[I, j]
-        delta2 = gjj - (w * w).sum(1)
-        active = ~done & (delta2 > DEP_EPS * gjj)
-        inv_delta = torch.rsqrt(delta2.clamp_min(1e-30))
-        u = torch.bmm(w.unsqueeze(1), B[:, :k, :k]).squeeze(1)
-        # Inactive rows get an identity row with z_k = 0: the factor stays invertible and
-        # their coefficient for this slot comes out exactly 0.
-        B[:, k, :k] = torch.where(active.unsqueeze(1), -u * inv_delta.unsqueeze(1), 0.0)
-        B[:, k, k] = torch.where(active, inv_delta, 1.0)
-        pj = p[rows, j]
-        z[:, k] = torch.where(active, (pj - (w * z[:, :k]).sum(1)) * inv_delta, 0.0)
-        idx[:, k] = torch.where(active, j, 0)
+        a = _factor_step(B, z, idx, err, done, k, j, g, G[j, j], p[rows, j], xx, safe_xx, tol)
         grows[:, k] = G[j]
-        done |= ~active
-        a = torch.bmm(z[:, None, : k + 1], B[:, : k + 1, : k + 1]).squeeze(1)  # B^T z
-        # Summed over all s slots (zeros beyond k) so a stopped vector's value is bit-stable.
-        r2 = (xx - (z * z).sum(1)).clamp_min(0.0)
-        err[:, k] = torch.where(xx > 0, torch.sqrt(r2 / safe_xx), 0.0)
-        if tol is not None:
-            done |= err[:, k] <= tol
         if k + 1 < s:
             # score = |p - G[:, I] a|, written in place of the previous scores.
             torch.baddbmm(
@@ -193,6 +212,73 @@ def _omp_chunk(x: torch.Tensor, D: torch.Tensor, G: torch.Tensor, s: int, tol: f
                 out=score.unsqueeze(1),
             )
             score.abs_()
+    return idx, a, err
+
+
+def omp_cpu(
+    x: torch.Tensor,
+    D: torch.Tensor,
+    s: int,
+    gram: torch.Tensor | None = None,
+    tol: float | None = None,
+    chunk: int = 8192,
+    return_errors: bool = False,
+):
+    """OMP for CPU tensors: :func:`omp_ref`'s atoms, coefficients and stopping rules, with
+    the correlations of each step computed as ``|D^T r|`` from the residual
+    ``r = x - D_I a`` (one matrix product for the whole chunk) instead of ``|p - G[:, I] a|``.
+    The two are equal in exact arithmetic; in fp32 they choose the same atoms except at
+    near-ties. ``gram`` is only checked: this route reads atoms, not Gram rows. Arguments
+    and returns as in :func:`omp_ref`; ``x`` and ``D`` must be on the CPU.
+    """
+    x2, Df, _, lead = _prepare(x, D, s, gram, need_gram=False)
+    if x2.device.type != "cpu":
+        raise ValueError(f"omp_cpu takes CPU tensors, got x on {x2.device}; use omp()")
+    M, n_atoms = x2.shape[0], Df.shape[1]
+    idx = torch.zeros(M, s, dtype=torch.int64)
+    coef = torch.zeros(M, s, dtype=torch.float32)
+    err = torch.zeros(M, s, dtype=torch.float32)
+    step = max(1, min(chunk, max(_MIN_CHUNK, _CPU_WORKSPACE_BYTES // (4 * n_atoms))))
+    atoms_t = Df.T.contiguous()
+    for start in range(0, M, step):
+        sl = slice(start, min(start + step, M))
+        idx[sl], coef[sl], err[sl] = _omp_chunk_cpu(x2[sl], Df, atoms_t, s, tol)
+    return _finish(idx, coef, err, lead, s, return_errors)
+
+
+def _row_argmax(score: torch.Tensor) -> torch.Tensor:
+    if numpy is None:  # pragma: no cover - depends on the environment
+        return score.argmax(1)
+    return torch.from_numpy(score.numpy().argmax(1)).long()  # first maximum, as torch's
+
+
+def _omp_chunk_cpu(x, D, atoms_t, s: int, tol: float | None):
+    m, d = x.shape
+    xx = (x * x).sum(1)
+    done = xx <= 0
+    B = torch.zeros(m, s, s)  # inverse Cholesky factor of G[I, I], as in _omp_chunk
+    z = torch.zeros(m, s)
+    idx = torch.zeros(m, s, dtype=torch.int64)
+    picked = torch.zeros(m, s, dtype=torch.int64)
+    err = torch.zeros(m, s)
+    chosen = torch.zeros(m, s, d)  # the chosen atoms' vectors
+    safe_xx = torch.where(done, torch.ones_like(xx), xx)
+    score = torch.empty(m, D.shape[1])
+    r = x
+    for k in range(s):
+        torch.mm(r, D, out=score)
+        score.abs_()
+        if k:
+            score.scatter_(1, picked[:, :k], -1.0)
+        j = _row_argmax(score)
+        picked[:, k] = j
+        dj = atoms_t[j]  # (m, d)
+        g = torch.bmm(chosen[:, :k], dj.unsqueeze(2)).squeeze(2)  # G[I, j]
+        gjj, pj = (dj * dj).sum(1), (x * dj).sum(1)
+        a = _factor_step(B, z, idx, err, done, k, j, g, gjj, pj, xx, safe_xx, tol)
+        chosen[:, k] = dj
+        if k + 1 < s:  # stopped vectors' new coefficient is 0: their residual stays
+            r = x - torch.bmm(a.unsqueeze(1), chosen[:, : k + 1]).squeeze(1)
     return idx, a, err
 
 
@@ -692,11 +778,14 @@ def omp(
     tol: float | None = None,
     return_errors: bool = False,
 ):
-    """Dispatch: the Triton kernel for CUDA tensors when Triton imports, else :func:`omp_ref`.
+    """Dispatch: the Triton kernel for CUDA tensors when Triton imports, :func:`omp_cpu` for
+    CPU tensors, else :func:`omp_ref`.
 
     Shapes as in :func:`omp_ref`: ``x (M, d)``, ``D (d, N)`` -> ``idx (M, s)`` int64,
     ``coef (M, s)`` float32 (and ``rel_err (M, s)`` with ``return_errors``).
     """
     if triton is not None and x.is_cuda:
         return omp_triton(x, D, s, gram=gram, tol=tol, return_errors=return_errors)
+    if x.device.type == "cpu":
+        return omp_cpu(x, D, s, gram=gram, tol=tol, return_errors=return_errors)
     return omp_ref(x, D, s, gram=gram, tol=tol, return_errors=return_errors)

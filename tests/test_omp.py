@@ -31,6 +31,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+# The two torch routes: the Gram reference and the CPU route (residual correlations as one
+# product per step). Every test of the reference's semantics runs on both.
+@pytest.fixture(params=["omp_ref", "omp_cpu"])
+def torch_omp(request):
+    return getattr(K, request.param)
+
+
 def _dict(d, n, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(d, n, generator=g, dtype=torch.float64)
@@ -73,10 +80,10 @@ def _textbook_omp(x, D, s):
 @pytest.mark.parametrize(
     "d,n,s", [(64, 128, 1), (64, 128, 3), (64, 300, 3), (64, 300, 5), (128, 128, 8), (128, 300, 8)]
 )
-def test_exact_recovery_of_sparse_signals(d, n, s):
+def test_exact_recovery_of_sparse_signals(torch_omp, d, n, s):
     D = _dict(d, n)
     x, support, coef = _sparse(40, D, s)
-    idx, got = K.omp_ref(x, D, s)
+    idx, got = torch_omp(x, D, s)
     order_true = support.argsort(1)
     order_got = idx.argsort(1)
     assert torch.equal(support.gather(1, order_true), idx.gather(1, order_got))
@@ -86,21 +93,21 @@ def test_exact_recovery_of_sparse_signals(d, n, s):
     assert (K.reconstruct(idx, got, D) - x).norm(dim=1).max() < 1e-4 * x.norm(dim=1).min()
 
 
-def test_lossless_with_a_full_basis():
+def test_lossless_with_a_full_basis(torch_omp):
     d = 16
     x = torch.randn(27, d, generator=torch.Generator().manual_seed(3))
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(4)))
     for D in (torch.eye(d), Q):
-        idx, coef, err = K.omp_ref(x, D, d, return_errors=True)
+        idx, coef, err = torch_omp(x, D, d, return_errors=True)
         torch.testing.assert_close(K.reconstruct(idx, coef, D), x, atol=1e-5, rtol=1e-5)
         assert err[:, -1].max() < 1e-3
         # Each basis vector is used once.
         assert torch.equal(idx.sort(1).values, torch.arange(d).expand(27, d))
 
 
-def test_identity_picks_largest_entries_in_order():
+def test_identity_picks_largest_entries_in_order(torch_omp):
     x = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
-    idx, coef = K.omp_ref(x, torch.eye(4), 2)
+    idx, coef = torch_omp(x, torch.eye(4), 2)
     assert idx.tolist() == [[1, 2]]
     assert coef.tolist() == [[-3.0, 2.0]]
 
@@ -108,10 +115,10 @@ def test_identity_picks_largest_entries_in_order():
 @pytest.mark.parametrize("m", [27, 61])
 @pytest.mark.parametrize("d,n", [(16, 37), (64, 128), (16, 300)])
 @pytest.mark.parametrize("s", [1, 3, 8])
-def test_matches_textbook_omp_on_odd_sizes(m, d, n, s):
+def test_matches_textbook_omp_on_odd_sizes(torch_omp, m, d, n, s):
     D = _dict(d, n, seed=d + n)
     x = torch.randn(m, d, generator=torch.Generator().manual_seed(m))
-    idx, coef, err = K.omp_ref(x, D, s, return_errors=True)
+    idx, coef, err = torch_omp(x, D, s, return_errors=True)
     assert idx.shape == (m, s) and idx.dtype == torch.int64
     assert coef.shape == (m, s) and coef.dtype == torch.float32
     assert torch.equal(idx, _textbook_omp(x, D, s))
@@ -127,19 +134,19 @@ def test_matches_textbook_omp_on_odd_sizes(m, d, n, s):
         torch.testing.assert_close(coef[r].double(), ls, atol=1e-4, rtol=1e-4)
 
 
-def test_tol_stops_early_with_zero_slots():
+def test_tol_stops_early_with_zero_slots(torch_omp):
     D = _dict(16, 64)
     x = torch.randn(61, 16, generator=torch.Generator().manual_seed(5))
     s, tol = 8, 0.4
-    full_idx, full_coef, full_err = K.omp_ref(x, D, s, return_errors=True)
-    idx, coef, err = K.omp_ref(x, D, s, tol=tol, return_errors=True)
+    full_idx, full_coef, full_err = torch_omp(x, D, s, return_errors=True)
+    idx, coef, err = torch_omp(x, D, s, tol=tol, return_errors=True)
     # First step at which each vector reaches the tolerance (s - 1 if never).
     reached = full_err <= tol
     assert reached.any(1).sum() > 10 and (~reached[:, 0]).sum() > 10  # the test means something
     first = torch.where(reached.any(1), reached.int().argmax(1), torch.full((61,), s - 1))
     for r in range(61):
         k = int(first[r]) + 1
-        short_idx, short_coef = K.omp_ref(x[r : r + 1], D, k)
+        short_idx, short_coef = torch_omp(x[r : r + 1], D, k)
         assert torch.equal(idx[r, :k], full_idx[r, :k])
         assert torch.equal(idx[r, :k], short_idx[0])
         torch.testing.assert_close(coef[r, :k], short_coef[0])
@@ -151,48 +158,78 @@ def test_tol_stops_early_with_zero_slots():
     assert (rel[stopped] <= tol + 1e-5).all()
 
 
-def test_zero_rows_and_chunking():
+def test_zero_rows_and_chunking(torch_omp):
     D = _dict(16, 37)
     x = torch.randn(27, 16, generator=torch.Generator().manual_seed(6))
     x[[0, 5, 26]] = 0
-    idx, coef, err = K.omp_ref(x, D, 3, return_errors=True)
+    idx, coef, err = torch_omp(x, D, 3, return_errors=True)
     assert (coef[[0, 5, 26]] == 0).all() and (idx[[0, 5, 26]] == 0).all()
     assert (err[[0, 5, 26]] == 0).all()
     assert torch.isfinite(coef).all()
-    alone_idx, alone_coef = K.omp_ref(x[1:5], D, 3)
+    alone_idx, alone_coef = torch_omp(x[1:5], D, 3)
     assert torch.equal(alone_idx, idx[1:5])
     torch.testing.assert_close(alone_coef, coef[1:5])
-    small_idx, small_coef = K.omp_ref(x, D, 3, chunk=4)
+    small_idx, small_coef = torch_omp(x, D, 3, chunk=4)
     assert torch.equal(small_idx, idx)
     torch.testing.assert_close(small_coef, coef)
 
 
-def test_dtypes_leading_dims_and_dispatch():
+def test_dtypes_leading_dims_and_dispatch(monkeypatch):
     D = _dict(16, 37)
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(7))
     idx, coef = K.omp_ref(x.to(torch.bfloat16), D, 3)
     assert idx.shape == (2, 5, 3) and coef.dtype == torch.float32
-    idx2, coef2 = K.omp(x.to(torch.bfloat16).reshape(10, 16), D, 3)  # CPU -> reference
+    idx2, coef2 = K.omp(x.to(torch.bfloat16).reshape(10, 16), D, 3)
     assert torch.equal(idx.reshape(10, 3), idx2)
     assert K.reconstruct(idx, coef, D).shape == (2, 5, 16)
+    idx3, _ = K.omp_cpu(x, D, 3)
+    assert idx3.shape == (2, 5, 3)
+    calls = []
+    monkeypatch.setattr(K, "omp_cpu", lambda *a, **kw: calls.append(kw) or (None, None))
+    K.omp(x.reshape(10, 16), D, 3, tol=0.5)  # CPU tensors -> the CPU route
+    assert calls == [{"gram": None, "tol": 0.5, "return_errors": False}]
 
 
-def test_rejects_bad_shapes():
+def test_cpu_route_agrees_with_reference_on_learned_like_data(monkeypatch):
+    """A coherent dictionary (atoms near each other, as learned ones are) and vectors drawn
+    near its atoms: the routes pick the same atoms with the same coefficients, with numpy's
+    argmax and with torch's (the fallback without numpy)."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(32, 96, generator=g)
+    D = base.repeat(1, 3) + 0.3 * torch.randn(32, 288, generator=g)
+    D = D / D.norm(dim=0)
+    x = K.reconstruct(torch.randint(0, 288, (300, 6), generator=g), torch.randn(300, 6), D)
+    x = x + 0.05 * torch.randn(300, 32, generator=g)
+    ref = K.omp_ref(x, D, 12, return_errors=True)
+    cpu = K.omp_cpu(x, D, 12, return_errors=True)
+    monkeypatch.setattr(K, "numpy", None)
+    no_numpy = K.omp_cpu(x, D, 12, return_errors=True)
+    for got in (cpu, no_numpy):
+        assert (got[0] == ref[0]).all(1).float().mean() > 0.98  # fp32 near-ties may flip
+        same = (got[0] == ref[0]).all(1)
+        torch.testing.assert_close(got[1][same], ref[1][same], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[2], ref[2], atol=2e-3, rtol=1e-2)
+
+
+def test_rejects_bad_shapes(torch_omp):
     D = _dict(16, 37)
     with pytest.raises(ValueError, match=r"s must be in \[1, N=37\]"):
-        K.omp_ref(torch.randn(3, 16), D, 38)
+        torch_omp(torch.randn(3, 16), D, 38)
     with pytest.raises(ValueError, match="last dimension 8 but D has d=16"):
-        K.omp_ref(torch.randn(3, 8), D, 2)
+        torch_omp(torch.randn(3, 8), D, 2)
     with pytest.raises(ValueError, match="gram must be"):
-        K.omp_ref(torch.randn(3, 16), D, 2, gram=torch.eye(5))
+        torch_omp(torch.randn(3, 16), D, 2, gram=torch.eye(5))
+    if torch_omp is K.omp_cpu:
+        with pytest.raises(ValueError, match="omp_cpu takes CPU tensors, got x on meta"):
+            torch_omp(torch.randn(3, 16, device="meta"), D, 2)
 
 
-def test_dependent_atoms_stop_instead_of_nan():
+def test_dependent_atoms_stop_instead_of_nan(torch_omp):
     # Two copies of every atom: after d picks the rest are in the span.
     base = torch.eye(4)
     D = torch.cat([base, base, _dict(4, 3)], 1)
     x = torch.randn(9, 4, generator=torch.Generator().manual_seed(8))
-    idx, coef = K.omp_ref(x, D, 7)
+    idx, coef = torch_omp(x, D, 7)
     assert torch.isfinite(coef).all()
     torch.testing.assert_close(K.reconstruct(idx, coef, D), x, atol=1e-5, rtol=1e-5)
 

@@ -114,6 +114,27 @@ def test_diagonal_key_map_is_read_as_a_scale_with_the_matrix_maths(model):
     torch.testing.assert_close(layer._map_query(q)[:, 1], q[:, 1] / w[0])  # GQA: head 1 -> kv 0
 
 
+def test_gram_matrices_only_off_cpu_and_once_per_device(model):
+    """OMP on CPU reads atoms (omp_cpu), so a CPU model holds no DᵀD; elsewhere it is
+    computed once per device the dictionaries are on, and dropped when they are reloaded."""
+    from kvsurgery.runtime import kvs_cache
+
+    dicts = {i: (random_dict(40, i), random_dict(40, 10 + i)) for i in range(2)}
+    compress(model, block(4, n_atoms=40), dicts)
+    layer = build_cache(model).layers[0]
+    assert layer.gram_k is None and layer.gram_v is None
+    mod = model._kvsurgery_state["modules"][0]
+    mod._kvs_gram_k = torch.eye(40)
+    compress(model, block(4, n_atoms=40), dicts)  # reloading drops what was cached
+    assert mod._kvs_gram_k is None
+    mod.to("meta")  # stands in for an accelerator: the dictionaries move, the Gram follows
+    g = kvs_cache._gram(mod, "k")
+    assert g.device.type == "meta" and g.shape == (40, 40)
+    assert kvs_cache._gram(mod, "k") is g
+    mod._kvs_gram_k = torch.eye(40)  # cached before a move: recomputed where D now is
+    assert kvs_cache._gram(mod, "k").device.type == "meta"
+
+
 def test_left_padding_batch_equals_dense(model):
     x = ids(2, 30)
     mask = torch.ones_like(x)
