@@ -229,7 +229,8 @@ def omp_cpu(
     ``r = x - D_I a`` (one matrix product for the whole chunk) instead of ``|p - G[:, I] a|``.
     The two are equal in exact arithmetic; in fp32 they choose the same atoms except at
     near-ties. ``gram`` is only checked: this route reads atoms, not Gram rows. Arguments
-    and returns as in :func:`omp_ref`; ``x`` and ``D`` must be on the CPU.
+    and returns as in :func:`omp_ref`; ``x`` and ``D`` must be on the CPU. No gradient flows
+    through the codes (as from the Triton kernel).
     """
     x2, Df, _, lead = _prepare(x, D, s, gram, need_gram=False)
     if x2.device.type != "cpu":
@@ -239,6 +240,7 @@ def omp_cpu(
     coef = torch.zeros(M, s, dtype=torch.float32)
     err = torch.zeros(M, s, dtype=torch.float32)
     step = max(1, min(chunk, max(_MIN_CHUNK, _CPU_WORKSPACE_BYTES // (4 * n_atoms))))
+    x2, Df = x2.detach(), Df.detach()  # the products write into preallocated scores
     atoms_t = Df.T.contiguous()
     for start in range(0, M, step):
         sl = slice(start, min(start + step, M))

@@ -182,8 +182,9 @@ def test_dtypes_leading_dims_and_dispatch(monkeypatch):
     idx2, coef2 = K.omp(x.to(torch.bfloat16).reshape(10, 16), D, 3)
     assert torch.equal(idx.reshape(10, 3), idx2)
     assert K.reconstruct(idx, coef, D).shape == (2, 5, 16)
-    idx3, _ = K.omp_cpu(x, D, 3)
-    assert idx3.shape == (2, 5, 3)
+    idx3, coef3 = K.omp_cpu(x.requires_grad_(), D.requires_grad_(), 3)  # no graph kept
+    assert idx3.shape == (2, 5, 3) and not coef3.requires_grad
+    x, D = x.detach(), D.detach()
     calls = []
     monkeypatch.setattr(K, "omp_cpu", lambda *a, **kw: calls.append(kw) or (None, None))
     K.omp(x.reshape(10, 16), D, 3, tol=0.5)  # CPU tensors -> the CPU route
