@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from kvsurgery.runtime import kvs_cache
 from kvsurgery.runtime.kvs_attention import ATTN_NAME, install, install_kvdict
 from kvsurgery.runtime.kvs_cache import CODE_BLOCK, KVDictLayer
 from kvsurgery.runtime.kvs_layer import link_prompt_scores
@@ -117,8 +118,6 @@ def test_diagonal_key_map_is_read_as_a_scale_with_the_matrix_maths(model):
 def test_gram_matrices_only_off_cpu_and_once_per_device(model):
     """OMP on CPU reads atoms (omp_cpu), so a CPU model holds no DᵀD; elsewhere it is
     computed once per device the dictionaries are on, and dropped when they are reloaded."""
-    from kvsurgery.runtime import kvs_cache
-
     dicts = {i: (random_dict(40, i), random_dict(40, 10 + i)) for i in range(2)}
     compress(model, block(4, n_atoms=40), dicts)
     layer = build_cache(model).layers[0]
