@@ -137,42 +137,64 @@ def omp_ref(
         (0 for zero rows). Unused slots have ``idx 0``, ``coef 0``.
     """
     x2, Df, G, lead = _prepare(x, D, s, gram)
-    M, n_atoms = x2.shape[0], Df.shape[1]
+    budget = _CPU_WORKSPACE_BYTES if x2.device.type == "cpu" else _WORKSPACE_BYTES
+    step = max(1, min(chunk, max(_MIN_CHUNK, budget // (4 * (s + 4) * Df.shape[1]))))
+    out = _chunked(x2, s, step, lambda xs: _omp_chunk(xs, Df, G, s, tol))
+    return _finish(*out, lead, s, return_errors)
+
+
+def _chunked(x2: torch.Tensor, s: int, step: int, code):
+    """``code`` (rows -> ``(idx, coef, err)``) over ``x2`` in chunks of ``step`` rows."""
+    M = x2.shape[0]
     idx = torch.zeros(M, s, dtype=torch.int64, device=x2.device)
     coef = torch.zeros(M, s, dtype=torch.float32, device=x2.device)
     err = torch.zeros(M, s, dtype=torch.float32, device=x2.device)
-    budget = _CPU_WORKSPACE_BYTES if x2.device.type == "cpu" else _WORKSPACE_BYTES
-    step = max(1, min(chunk, max(_MIN_CHUNK, budget // (4 * (s + 4) * n_atoms))))
     for start in range(0, M, step):
         sl = slice(start, min(start + step, M))
-        idx[sl], coef[sl], err[sl] = _omp_chunk(x2[sl], Df, G, s, tol)
-    return _finish(idx, coef, err, lead, s, return_errors)
+        idx[sl], coef[sl], err[sl] = code(x2[sl])
+    return idx, coef, err
 
 
-def _factor_step(B, z, idx, err, done, k, j, g, gjj, pj, xx, safe_xx, tol):
-    """Slot ``k`` of both torch routes, in place: extend the inverse Cholesky factor ``B`` of
-    ``G[I, I]`` and ``z = B p[I]`` by atom ``j`` given ``g = G[I, j]``, ``gjj = G[j, j]``,
-    ``pj = p[j]``; record the slot's index and relative error; mark vectors that stop in
-    ``done``. Returns the coefficients ``a = B^T z`` over slots ``0..k``."""
-    w = torch.bmm(B[:, :k, :k], g.unsqueeze(2)).squeeze(2)  # L^{-1} G[I, j]
-    delta2 = gjj - (w * w).sum(1)
-    active = ~done & (delta2 > DEP_EPS * gjj)
-    inv_delta = torch.rsqrt(delta2.clamp_min(1e-30))
-    u = torch.bmm(w.unsqueeze(1), B[:, :k, :k]).squeeze(1)
-    # Inactive rows get an identity row with z_k = 0: the factor stays invertible and
-    # their coefficient for this slot comes out exactly 0.
-    B[:, k, :k] = torch.where(active.unsqueeze(1), -u * inv_delta.unsqueeze(1), 0.0)
-    B[:, k, k] = torch.where(active, inv_delta, 1.0)
-    z[:, k] = torch.where(active, (pj - (w * z[:, :k]).sum(1)) * inv_delta, 0.0)
-    idx[:, k] = torch.where(active, j, 0)
-    done |= ~active
-    a = torch.bmm(z[:, None, : k + 1], B[:, : k + 1, : k + 1]).squeeze(1)  # B^T z
-    # Summed over all s slots (zeros beyond k) so a stopped vector's value is bit-stable.
-    r2 = (xx - (z * z).sum(1)).clamp_min(0.0)
-    err[:, k] = torch.where(xx > 0, torch.sqrt(r2 / safe_xx), 0.0)
-    if tol is not None:
-        done |= err[:, k] <= tol
-    return a
+class _Factor:
+    """Per-chunk state of both torch routes: the inverse Cholesky factor ``B`` of
+    ``G[I, I]``, ``z = B p[I]``, each slot's index (0 once a vector stopped), the atoms
+    picked (before that zeroing), relative errors and which vectors stopped."""
+
+    def __init__(self, x: torch.Tensor, s: int):
+        m, dev = x.shape[0], x.device
+        self.xx = (x * x).sum(1)
+        self.done = self.xx <= 0
+        self.safe_xx = torch.where(self.done, torch.ones_like(self.xx), self.xx)
+        self.B = torch.zeros(m, s, s, device=dev)
+        self.z = torch.zeros(m, s, device=dev)
+        self.idx = torch.zeros(m, s, dtype=torch.int64, device=dev)
+        self.picked = torch.zeros(m, s, dtype=torch.int64, device=dev)
+        self.err = torch.zeros(m, s, device=dev)
+
+    def extend(self, k, j, g, gjj, pj, tol):
+        """Slot ``k``: extend ``B`` and ``z`` by atom ``j`` given ``g = G[I, j]``,
+        ``gjj = G[j, j]``, ``pj = p[j]``; record the slot's index and relative error and
+        which vectors stop. Returns the coefficients ``a = B^T z`` over slots ``0..k``."""
+        B, z, done = self.B, self.z, self.done
+        w = torch.bmm(B[:, :k, :k], g.unsqueeze(2)).squeeze(2)  # L^{-1} G[I, j]
+        delta2 = gjj - (w * w).sum(1)
+        active = ~done & (delta2 > DEP_EPS * gjj)
+        inv_delta = torch.rsqrt(delta2.clamp_min(1e-30))
+        u = torch.bmm(w.unsqueeze(1), B[:, :k, :k]).squeeze(1)
+        # Inactive rows get an identity row with z_k = 0: the factor stays invertible and
+        # their coefficient for this slot comes out exactly 0.
+        B[:, k, :k] = torch.where(active.unsqueeze(1), -u * inv_delta.unsqueeze(1), 0.0)
+        B[:, k, k] = torch.where(active, inv_delta, 1.0)
+        z[:, k] = torch.where(active, (pj - (w * z[:, :k]).sum(1)) * inv_delta, 0.0)
+        self.idx[:, k] = torch.where(active, j, 0)
+        done |= ~active
+        a = torch.bmm(z[:, None, : k + 1], B[:, : k + 1, : k + 1]).squeeze(1)  # B^T z
+        # Summed over all s slots (zeros beyond k) so a stopped vector's value is bit-stable.
+        r2 = (self.xx - (z * z).sum(1)).clamp_min(0.0)
+        self.err[:, k] = torch.where(self.xx > 0, torch.sqrt(r2 / self.safe_xx), 0.0)
+        if tol is not None:
+            done |= self.err[:, k] <= tol
+        return a
 
 
 def _omp_chunk(x: torch.Tensor, D: torch.Tensor, G: torch.Tensor, s: int, tol: float | None):
@@ -180,27 +202,19 @@ def _omp_chunk(x: torch.Tensor, D: torch.Tensor, G: torch.Tensor, s: int, tol: f
     dev = x.device
     rows = torch.arange(m, device=dev)
     p = x @ D  # (m, N)
-    xx = (x * x).sum(1)
-    done = xx <= 0
-    B = torch.zeros(m, s, s, device=dev)  # inverse Cholesky factor of G[I, I]
-    z = torch.zeros(m, s, device=dev)  # B @ p[I]
-    a = torch.zeros(m, 0, device=dev)
-    idx = torch.zeros(m, s, dtype=torch.int64, device=dev)
-    picked = torch.zeros(m, s, dtype=torch.int64, device=dev)  # idx before zeroing stopped slots
-    err = torch.zeros(m, s, device=dev)
+    f = _Factor(x, s)
     # Gram rows of the chosen atoms, gathered once each so that the correlation update is a
     # single batched product per step.
     grows = torch.empty(m, s, G.shape[1], device=dev)
-    safe_xx = torch.where(done, torch.ones_like(xx), xx)
     score = p.abs()
     for k in range(s):
         if k:
             # Chosen atoms have c ~ 0 but not exactly; exclude them explicitly.
-            score.scatter_(1, picked[:, :k], -1.0)
+            score.scatter_(1, f.picked[:, :k], -1.0)
         j = score.argmax(1)
-        picked[:, k] = j
+        f.picked[:, k] = j
         g = grows[:, :k].gather(2, j.view(m, 1, 1).expand(m, k, 1)).squeeze(2)  # G[I, j]
-        a = _factor_step(B, z, idx, err, done, k, j, g, G[j, j], p[rows, j], xx, safe_xx, tol)
+        a = f.extend(k, j, g, G[j, j], p[rows, j], tol)
         grows[:, k] = G[j]
         if k + 1 < s:
             # score = |p - G[:, I] a|, written in place of the previous scores.
@@ -212,7 +226,7 @@ def _omp_chunk(x: torch.Tensor, D: torch.Tensor, G: torch.Tensor, s: int, tol: f
                 out=score.unsqueeze(1),
             )
             score.abs_()
-    return idx, a, err
+    return f.idx, a, f.err
 
 
 def omp_cpu(
@@ -235,17 +249,11 @@ def omp_cpu(
     x2, Df, _, lead = _prepare(x, D, s, gram, need_gram=False)
     if x2.device.type != "cpu":
         raise ValueError(f"omp_cpu takes CPU tensors, got x on {x2.device}; use omp()")
-    M, n_atoms = x2.shape[0], Df.shape[1]
-    idx = torch.zeros(M, s, dtype=torch.int64)
-    coef = torch.zeros(M, s, dtype=torch.float32)
-    err = torch.zeros(M, s, dtype=torch.float32)
-    step = max(1, min(chunk, max(_MIN_CHUNK, _CPU_WORKSPACE_BYTES // (4 * n_atoms))))
+    step = max(1, min(chunk, max(_MIN_CHUNK, _CPU_WORKSPACE_BYTES // (4 * Df.shape[1]))))
     x2, Df = x2.detach(), Df.detach()  # the products write into preallocated scores
     atoms_t = Df.T.contiguous()
-    for start in range(0, M, step):
-        sl = slice(start, min(start + step, M))
-        idx[sl], coef[sl], err[sl] = _omp_chunk_cpu(x2[sl], Df, atoms_t, s, tol)
-    return _finish(idx, coef, err, lead, s, return_errors)
+    out = _chunked(x2, s, step, lambda xs: _omp_chunk_cpu(xs, Df, atoms_t, s, tol))
+    return _finish(*out, lead, s, return_errors)
 
 
 def _row_argmax(score: torch.Tensor) -> torch.Tensor:
@@ -256,32 +264,25 @@ def _row_argmax(score: torch.Tensor) -> torch.Tensor:
 
 def _omp_chunk_cpu(x, D, atoms_t, s: int, tol: float | None):
     m, d = x.shape
-    xx = (x * x).sum(1)
-    done = xx <= 0
-    B = torch.zeros(m, s, s)  # inverse Cholesky factor of G[I, I], as in _omp_chunk
-    z = torch.zeros(m, s)
-    idx = torch.zeros(m, s, dtype=torch.int64)
-    picked = torch.zeros(m, s, dtype=torch.int64)
-    err = torch.zeros(m, s)
+    f = _Factor(x, s)
     chosen = torch.zeros(m, s, d)  # the chosen atoms' vectors
-    safe_xx = torch.where(done, torch.ones_like(xx), xx)
     score = torch.empty(m, D.shape[1])
     r = x
     for k in range(s):
         torch.mm(r, D, out=score)
         score.abs_()
         if k:
-            score.scatter_(1, picked[:, :k], -1.0)
+            score.scatter_(1, f.picked[:, :k], -1.0)
         j = _row_argmax(score)
-        picked[:, k] = j
+        f.picked[:, k] = j
         dj = atoms_t[j]  # (m, d)
         g = torch.bmm(chosen[:, :k], dj.unsqueeze(2)).squeeze(2)  # G[I, j]
         gjj, pj = (dj * dj).sum(1), (x * dj).sum(1)
-        a = _factor_step(B, z, idx, err, done, k, j, g, gjj, pj, xx, safe_xx, tol)
+        a = f.extend(k, j, g, gjj, pj, tol)
         chosen[:, k] = dj
         if k + 1 < s:  # stopped vectors' new coefficient is 0: their residual stays
             r = x - torch.bmm(a.unsqueeze(1), chosen[:, : k + 1]).squeeze(1)
-    return idx, a, err
+    return f.idx, a, f.err
 
 
 def reconstruct(idx: torch.Tensor, coef: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
