@@ -87,10 +87,10 @@ def _check_sizes(X: torch.Tensor, n_atoms: int, s: int, dropped: int) -> None:
         )
 
 
-def _heldout(H: torch.Tensor | None, D: torch.Tensor, s: int, G: torch.Tensor) -> float | None:
+def _heldout(H: torch.Tensor | None, D: torch.Tensor, s: int) -> float | None:
     if H is None or H.shape[0] == 0:
         return None
-    idx, coef = omp(H, D, s, gram=G)
+    idx, coef = omp(H, D, s)
     return relative_error(H, reconstruct(idx, coef, D))
 
 
@@ -240,19 +240,18 @@ def learn_dictionary(
 
     t = time.perf_counter()
     D = _init_atoms(X, n_atoms, seed)
-    G = D.T @ D
     _sync(dev)
     seconds = time.perf_counter() - t
 
     def record(entry: dict) -> bool:
         if H is not None:
-            entry["heldout_rel_err"] = _heldout(H, D, s, G)
+            entry["heldout_rel_err"] = _heldout(H, D, s)
         history.append(entry)
         return bool(callback is not None and callback(entry, D))
 
     history: list[dict] = []
     probe = X[torch.randperm(M, generator=gen)[:8192].to(dev)]
-    idx, coef = omp(probe, D, s, gram=G)
+    idx, coef = omp(probe, D, s)
     first = {"iter": 0, "batches": 0, "seconds": seconds}
     first["train_rel_err"] = relative_error(probe, reconstruct(idx, coef, D))
     first["reseeded"] = 0
@@ -267,7 +266,7 @@ def learn_dictionary(
         err_sum, reseeded = 0.0, 0
         for part in parts:
             Xb = X if n_batches == 1 else X[part]
-            idx, coef = omp(Xb, D, s, gram=G)
+            idx, coef = omp(Xb, D, s)
             err_sum += relative_error(Xb, reconstruct(idx, coef, D)) * Xb.shape[0]
             Ab, YXb = _code_stats(Xb, idx, coef, n_atoms)
             if A is None:
@@ -275,7 +274,6 @@ def learn_dictionary(
             else:
                 A, YX = A.mul_(forget).add_(Ab), YX.mul_(forget).add_(YXb)
             D, n_dead = _mod_step(A, YX, Xb, idx, coef, D, ridge, dup_threshold)
-            G = D.T @ D
             reseeded += n_dead
         _sync(dev)
         seconds += time.perf_counter() - t
@@ -357,7 +355,7 @@ def learn_dictionary_adam(
                 idx, coef = omp(X, Dd, s)
                 entry["train_rel_err"] = relative_error(X, reconstruct(idx, coef, Dd))
             if H is not None:
-                entry["heldout_rel_err"] = _heldout(H, Dd, s, Dd.T @ Dd)
+                entry["heldout_rel_err"] = _heldout(H, Dd, s)
         history.append(entry)
         return bool(callback is not None and callback(entry, Dd))
 
@@ -372,7 +370,7 @@ def learn_dictionary_adam(
             t = time.perf_counter()
             xb = X[order[b * batch_size : (b + 1) * batch_size]]
             with torch.no_grad():
-                idx, coef = omp(xb, D.detach(), s, gram=D.detach().T @ D.detach())
+                idx, coef = omp(xb, D.detach(), s)
             x_hat = (coef.unsqueeze(2) * D.T[idx]).sum(1)  # differentiable in D
             # Rows are unit norm, so this is the relative squared error.
             loss = ((xb - x_hat) ** 2).sum(1).mean()
