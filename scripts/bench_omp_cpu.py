@@ -13,7 +13,6 @@ its learned key dictionary.
 
 import argparse
 import statistics
-import time
 
 import torch
 from kvsurgery.kernels import omp as K
@@ -56,14 +55,10 @@ def main():
     print(f"# CPU, {torch.get_num_threads()} threads; M = {x.shape[0]}, N = {D.shape[1]}, "
           f"d = {D.shape[0]}; {what}")  # fmt: skip
 
-    def timed(fn):
-        out = fn()  # warm-up
-        times = []
-        for _ in range(a.repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return out, statistics.median(times)
+    def timed(fn):  # the warm-up call's codes, and the median of timed calls after it
+        out = fn()
+        cpu = torch.device("cpu")
+        return out, statistics.median(bm.time_calls(lambda f: f(), [fn], 0, a.repeats, cpu))
 
     def rel_err(idx, coef) -> float:
         rec = K.reconstruct(idx, coef, D)
