@@ -286,15 +286,18 @@ def _kvdict_card(block: dict, info, comp: list) -> tuple[str, str]:
 {__version__}. The weights are unchanged; the checkpoint adds one key and one value
 dictionary per layer and the runtime code that decodes with them."""
     protect = block.get("protect", 0)
-    int8 = block.get("protect_dtype") == "int8"
+    stored = block.get("protect_dtype", "model")
     if protect:
-        kept = "kept in int8 (one scale per token and head)" if int8 else "also kept exact"
+        kept = {
+            "int8": "kept in int8 (one scale per token and head)",
+            "int4": "kept in int4 (a step and a minimum per group of channels)",
+        }.get(stored, "also kept exact")
         about += f"""
 When a prompt is compressed, the {protect} prompt tokens its last queries attend to most
 are {kept} (a question at the end of the prompt keeps the passage it asks about)."""
     rows = f"""| mean non-zeros per key / value | {mean_sk:.2f} / {mean_sv:.2f} |
 | exact sinks / recent buffer | {block["sinks"]} / {block["buffer"]} tokens |
-| protected prompt tokens | {protect}{" (int8)" if protect and int8 else ""} |
+| protected prompt tokens | {protect}{f" ({stored})" if protect and stored != "model" else ""} |
 | compressed-token bytes vs fp16 | {block["code_bytes_ratio"]:.1%} |"""
     return about, rows
 

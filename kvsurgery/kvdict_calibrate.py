@@ -28,7 +28,7 @@ from .dictlearn import learn_dictionary, query_key_maps, sparsity_curve
 from .errors import KVSurgeryError
 from .kernels.omp import omp, reconstruct
 from .recipes import Recipe
-from .runtime.kvs_cache import _FP8_MAX
+from .runtime.kvs_cache import _FP8_MAX, int4_group
 from .sparsity import choose_sparsity
 
 SUBDIR = "kvdict"
@@ -194,9 +194,19 @@ def attention_error_curves(
 
 
 def protect_cost(cfg, head_dim: int) -> float:
-    """Bytes of a protected token over its fp16 bytes: 1, or ``(d + 2) / 2d`` in int8 (an
-    int8 per channel and a 2-byte scale per token and kv head, for K and for V)."""
-    return (head_dim + 2) / (2 * head_dim) if cfg.protect_dtype == "int8" else 1.0
+    """Bytes of a protected token over its fp16 bytes: 1; ``(d + 2) / 2d`` in int8 (an int8
+    per channel and a 2-byte scale per token and kv head, for K and for V); in int4 half a
+    byte per channel and a 2-byte step and minimum per group (5/16 at d = 64 or 128)."""
+    d = head_dim
+    if cfg.protect_dtype == "int8":
+        return (d + 2) / (2 * d)
+    if cfg.protect_dtype == "int4":
+        try:
+            group = int4_group(d)
+        except ValueError as e:
+            raise KVSurgeryError(f"recipe protect_dtype: {e}") from None
+        return (d / 2 + 4 * d / group) / (2 * d)
+    return 1.0
 
 
 def _recipe_hash(recipe: Recipe) -> str:
@@ -265,6 +275,7 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
     tag = _recipe_hash(recipe)
     which = compressed_layers(dims, recipe)
     s_max = max(base.s_max, base.s_k, base.s_v)
+    kept_cost = protect_cost(base, dims["head_dim"])  # before any work: int4 needs an even d
     curves_k, curves_v, timing = {}, {}, {}
     bar = tqdm(total=sum(which), desc="kvdict", unit="layer", disable=not progress)
     for i, on in enumerate(which):
@@ -317,7 +328,7 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
         att = _attention_curves(calib_dir, recipe, dims, tag, layers, s_max, progress)
     if allocating:
         exact = min(1.0, (base.sinks + base.buffer) / base.target_context)
-        protected = base.protect / base.target_context * protect_cost(base, dims["head_dim"])
+        protected = base.protect / base.target_context * kept_cost
         target = base.target_ratio
         if target is not None:
             # Uncompressed layers cost 1 each; the compressed ones share what is left.

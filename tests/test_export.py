@@ -396,14 +396,14 @@ def test_softcapping_refused_by_methods_without_it(tiny_dirs):
 
 
 def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_dir, tmp_path):
-    """``protect`` is paid for in the byte target (int8 protected tokens about half), reaches
-    the block and the card, and the export protects the same tokens (int8) in a fresh process
-    as the toolkit does in-process."""
+    """``protect`` is paid for in the byte target (int8 protected tokens about half, int4
+    ones less), reaches the block and the card, and the export protects the same tokens
+    (int4) in a fresh process as the toolkit does in-process."""
     from kvsurgery.sparsity import compression_ratio
 
     budget = {"target_ratio": 0.5, "target_context": 64, "s_min": 1, "s_max": 8}
     atoms = {}
-    for protect, dtype in ((0, "model"), (8, "model"), (8, "int8")):
+    for protect, dtype in ((0, "model"), (8, "model"), (8, "int8"), (8, "int4")):
         recipe = recipe_from_dict({**RECIPE, **budget, "protect": protect, "protect_dtype": dtype})
         man = calibrate(
             None,
@@ -415,7 +415,8 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
         )
         layers = man["methods"]["kvdict"]["layers"]
         s_k, s_v = [p["s_k"] for p in layers], [p["s_v"] for p in layers]
-        cost = (16 + 2) / 32 if dtype == "int8" else 1.0  # int8 + a 2-byte scale per vector
+        # int8 + a 2-byte scale per vector; int4 + a 2-byte step and minimum (one group)
+        cost = {"model": 1.0, "int8": (16 + 2) / 32, "int4": (8 + 4) / 32}[dtype]
         ratio = compression_ratio(
             s_k, s_v, d=16, exact_fraction=10 / 64, protected_fraction=protect / 64 * cost
         )
@@ -428,13 +429,14 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
             block = json.loads((out / "config.json").read_text())["kvsurgery"]
             card = (out / "README.md").read_text()
             assert block["protect"] == 8
-            if dtype == "int8":
-                assert block["protect_dtype"] == "int8"
-                assert "| protected prompt tokens | 8 (int8) |" in card
+            if dtype != "model":
+                assert block["protect_dtype"] == dtype
+                assert f"| protected prompt tokens | 8 ({dtype}) |" in card
             else:  # as exports before protect_dtype
                 assert "protect_dtype" not in block and "| protected prompt tokens | 8 |" in card
-    # the protected tokens' bytes come out of the codes, int8 ones about half as many
-    assert atoms[8, "model"] < atoms[8, "int8"] < atoms[0, "model"]
+    # the protected tokens' bytes come out of the codes, int8 ones about half as many,
+    # int4 ones fewer still
+    assert atoms[8, "model"] < atoms[8, "int8"] <= atoms[8, "int4"] < atoms[0, "model"]
     prompt = " ".join([PROMPT] * 2)
     res = run_fresh_process(out, prompt, 12)
     model, tok, _ = load_model(tiny_llama_dir)
@@ -445,5 +447,5 @@ def test_protected_tokens_calibrate_export_and_load_in_fresh_process(tiny_llama_
     mine = model.generate(**ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
     assert res["compressed"]["tokens"] == mine[0, ids["input_ids"].shape[1] :].tolist()
     layer = cache.layers[0]
-    assert layer.kept_k.dtype == torch.int8
+    assert layer.kept_k.dtype == torch.uint8  # the last export: int4, two channels a byte
     assert layer.kept_pos.shape == (1, 8) and (layer.kept_pos >= 2).all()

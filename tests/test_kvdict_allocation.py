@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from kvsurgery.calibrate import calibrate
 from kvsurgery.errors import KVSurgeryError
-from kvsurgery.kvdict_calibrate import _prefix_codes, attention_error_curves
+from kvsurgery.kvdict_calibrate import _prefix_codes, attention_error_curves, protect_cost
 from kvsurgery.models import load_model
 from kvsurgery.recipes import CalibrationConfig, recipe_from_dict
 
@@ -142,3 +142,22 @@ def test_calibrate_allocates_by_attention_error(tiny_llama_dir, tmp_path):
     res2 = run(buffer=32)
     assert torch.equal(load_file(tmp_path / "kvdict" / "layer_000.safetensors")["dk"], dk)
     assert res2["attention_curves_k"]["0"][0] < res["attention_curves_k"]["0"][0]
+
+
+def test_protect_cost_is_the_stored_bytes_over_fp16():
+    """What a protected token costs against its fp16 bytes, per storage: int8 adds a 2-byte
+    scale per vector, int4 a 2-byte step and minimum per group of (up to) 32 channels; an
+    odd head dim cannot pack int4 and says what to use instead."""
+
+    def cost(dtype, d):
+        return protect_cost(
+            recipe_from_dict({"method": "kvdict", "protect_dtype": dtype}).config, d
+        )
+
+    assert cost("model", 64) == 1.0
+    assert cost("int8", 64) == pytest.approx(66 / 128)
+    assert cost("int4", 64) == pytest.approx((32 + 2 * 2 * 2) / 128)  # 2 groups of 32
+    assert cost("int4", 128) == pytest.approx(5 / 16)
+    assert cost("int4", 80) == pytest.approx((40 + 5 * 2 * 2) / 160)  # 5 groups of 16
+    with pytest.raises(KVSurgeryError, match="protect_dtype: .*even head_dim, got 75; use"):
+        cost("int4", 75)

@@ -66,7 +66,7 @@ def test_precedence_defaults_recipe_cli(tmp_path):
         ),
         (
             "method: kvdict\nprotect_dtype: fp8\n",
-            r"protect_dtype: must be one of model, int8, got 'fp8'",
+            r"protect_dtype: must be one of model, int8, int4, got 'fp8'",
         ),
         (
             "method: kvdict\nbuffer: 64\nprotect: 30\ntarget_context: 98\n",

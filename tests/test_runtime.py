@@ -384,13 +384,15 @@ def test_protected_tokens_are_where_the_last_prompt_queries_look():
         KVDictLayer(eye, eye, eye, eye, 2, 2, protect=-1)
     with pytest.raises(ValueError, match=r"config.kvsurgery.protect_pool must be an int >= 1"):
         kvs_cache.validate(protecting(block(2), 2, pool=0), 2)
-    with pytest.raises(ValueError, match=r"protect_dtype must be one of \['model', 'int8'\]"):
-        kvs_cache.validate(protecting(block(2), 2, dtype="int4"), 2)
+    with pytest.raises(
+        ValueError, match=r"protect_dtype must be one of \['model', 'int8', 'int4'\]"
+    ):
+        kvs_cache.validate(protecting(block(2), 2, dtype="int2"), 2)
     with pytest.raises(ValueError, match="protect_dtype must be one of"):
         KVDictLayer(eye, eye, eye, eye, 2, 2, protect=1, protect_dtype="fp8")
 
 
-@pytest.mark.parametrize("dtype", [None, "int8"])
+@pytest.mark.parametrize("dtype", [None, "int8", "int4"])
 def test_protected_tokens_count_in_measured_memory(model, dtype):
     compress(
         model,
@@ -406,35 +408,20 @@ def test_protected_tokens_count_in_measured_memory(model, dtype):
     n_c = t - 4 - 8  # what the prefill would have encoded without protection
     assert layer.n_comp == n_c and layer.kept_pos.shape == (1, 16)
     exact = (4 + 9) * 2 * 2 * HD * 4 + 16 * 8  # sinks, buffer (fp32) + positions
-    # kept K and V, 2 kv heads: fp32, or int8 with one fp32 scale per token and head
-    kept = 16 * 2 * 2 * (HD * 4 if dtype is None else HD + 4)
+    # kept K and V, 2 kv heads: fp32; int8 with one fp32 scale per token and head; int4
+    # (two per byte) with an fp32 step and minimum for the one 16-channel group
+    per_vector = {None: HD * 4, "int8": HD + 4, "int4": HD // 2 + 2 * 4}[dtype]
+    kept = 16 * 2 * 2 * per_vector
     codes = 2 * -(-n_c // CODE_BLOCK) * CODE_BLOCK * 2 * 5 * 3
     assert layer.nbytes() == exact + kept + codes
-    assert layer.kept_k.dtype == (torch.int8 if dtype else torch.float32)
+    stored = {None: torch.float32, "int8": torch.int8, "int4": torch.uint8}[dtype]
+    assert layer.kept_k.dtype == stored
 
 
-def test_int8_protected_tokens_read_back_within_a_percent(model):
-    """Protecting every encoded prompt token in int8 (codes: one random atom, fp8) gives
-    logits within int8 rounding of dense ones, far closer than the codes' (3 protected);
-    the int8 values round-trip against their stored scales."""
+def test_int8_round_trip_against_stored_scales():
+    """The int8 values round-trip against their stored scales."""
     from kvsurgery.runtime.kvs_cache import dequantize_int8, quantize_int8
 
-    x = ids(2, 40, seed=11)
-    with torch.no_grad():
-        ref = model(x).logits[:, 30:]
-    dicts = {i: (random_dict(64, i), random_dict(64, 10 + i)) for i in range(2)}
-    lossy = block(1, n_atoms=64, coef="float8_e4m3fn", flush=16)
-    err = {}
-    for protect in (40, 3):
-        compress(model, protecting(lossy, protect, dtype="int8"), dicts)
-        cache = build_cache(model)
-        with torch.no_grad():
-            model(x[:, :30], past_key_values=cache)
-            out = torch.cat(
-                [model(x[:, t : t + 1], past_key_values=cache).logits for t in range(30, 40)], 1
-            )
-        err[protect] = float((out - ref).norm() / ref.norm())
-    assert err[40] < 0.01 and err[40] < err[3] / 5, err
     g = torch.Generator().manual_seed(0)
     v = torch.randn(3, 5, HD, generator=g, dtype=torch.float64).to(torch.bfloat16)
     v[0, 0] = 0.0  # an all-zero vector keeps a zero scale and reads back as zeros
@@ -447,6 +434,59 @@ def test_int8_protected_tokens_read_back_within_a_percent(model):
     assert ((back.float() - v.float()).abs() <= bound).all()
     rel = (back.float() - v.float()).norm(dim=-1) / v.float().norm(dim=-1).clamp_min(1e-9)
     assert float(rel[:, 1:].max()) < 0.02
+
+
+@pytest.mark.parametrize("d, group", [(64, 32), (128, 32), (80, 16), (16, 16), (6, 2)])
+def test_int4_round_trip_packs_two_channels_per_byte(d, group):
+    """Codes are rounded against the stored (bf16) step and minimum: every channel reads
+    back within half a step (plus bf16 rounding); a constant group reads back as its value;
+    channel 2i sits in the low nibble of byte i; odd head dims are refused clearly."""
+    from kvsurgery.runtime.kvs_cache import dequantize_int4, int4_group, quantize_int4
+
+    assert int4_group(d) == group
+    g = torch.Generator().manual_seed(d)
+    v = torch.randn(3, 5, d, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    v[0, 0] = 0.0
+    v[0, 1, :group] = 1.5  # one constant group
+    packed, params = quantize_int4(v)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, d // 2)
+    assert params.dtype == torch.bfloat16 and params.shape == (3, 5, 2 * d // group)
+    back = dequantize_int4(packed, params)
+    assert back.dtype == torch.bfloat16 and back.shape == v.shape
+    assert torch.equal(back[0, 0], v[0, 0]) and torch.equal(back[0, 1, :group], v[0, 1, :group])
+    step = params.float().view(3, 5, d // group, 2)[..., 0].repeat_interleave(group, -1)
+    bound = 0.5 * step * 1.01 + v.float().abs() * 2**-7
+    assert ((back.float() - v.float()).abs() <= bound).all()
+    # nibble order: rebuild the codes from the bytes and from the values independently
+    lo = params.float().view(3, 5, d // group, 2)[..., 1].repeat_interleave(group, -1)
+    codes = ((back.float() - lo) / step.clamp_min(1e-30)).round()
+    codes = torch.where(step > 0, codes, 0).to(torch.uint8)
+    assert torch.equal(packed & 15, codes[..., 0::2]) and torch.equal(packed >> 4, codes[..., 1::2])
+    with pytest.raises(ValueError, match="even head_dim, got 7; use protect_dtype int8"):
+        quantize_int4(torch.zeros(2, 7))
+
+
+@pytest.mark.parametrize("dtype, bound", [("int8", 0.01), ("int4", 0.03)])
+def test_quantized_protected_tokens_read_back_close(model, dtype, bound):
+    """Protecting every encoded prompt token (codes: one random atom, fp8) in int8 or int4
+    gives logits within that rounding of dense ones, far closer than the codes' (3
+    protected)."""
+    x = ids(2, 40, seed=11)
+    with torch.no_grad():
+        ref = model(x).logits[:, 30:]
+    dicts = {i: (random_dict(64, i), random_dict(64, 10 + i)) for i in range(2)}
+    lossy = block(1, n_atoms=64, coef="float8_e4m3fn", flush=16)
+    err = {}
+    for protect in (40, 3):
+        compress(model, protecting(lossy, protect, dtype=dtype), dicts)
+        cache = build_cache(model)
+        with torch.no_grad():
+            model(x[:, :30], past_key_values=cache)
+            out = torch.cat(
+                [model(x[:, t : t + 1], past_key_values=cache).logits for t in range(30, 40)], 1
+            )
+        err[protect] = float((out - ref).norm() / ref.norm())
+    assert err[40] < bound and err[40] < err[3] / 5, err
 
 
 TRAINING_FREE = {
