@@ -275,7 +275,8 @@ def calibrate_kvdict(calib_dir, recipe: Recipe, dims: dict, progress: bool = Tru
     tag = _recipe_hash(recipe)
     which = compressed_layers(dims, recipe)
     s_max = max(base.s_max, base.s_k, base.s_v)
-    kept_cost = protect_cost(base, dims["head_dim"])  # before any work: int4 needs an even d
+    # before any work: int4 needs an even head_dim (nothing to store when nothing is protected)
+    kept_cost = protect_cost(base, dims["head_dim"]) if base.protect else 0.0
     curves_k, curves_v, timing = {}, {}, {}
     bar = tqdm(total=sum(which), desc="kvdict", unit="layer", disable=not progress)
     for i, on in enumerate(which):
