@@ -457,7 +457,8 @@ def test_int4_round_trip_packs_two_channels_per_byte(d, group):
     step = params.float().view(3, 5, d // group, 2)[..., 0].repeat_interleave(group, -1)
     bound = 0.5 * step * 1.01 + v.float().abs() * 2**-7
     assert ((back.float() - v.float()).abs() <= bound).all()
-    # nibble order: rebuild the codes from the bytes and from the values independently
+    # nibble order as documented: the code of channel 2i (from what it reads back) is the
+    # low nibble of byte i, that of channel 2i + 1 the high one
     lo = params.float().view(3, 5, d // group, 2)[..., 1].repeat_interleave(group, -1)
     codes = ((back.float() - lo) / step.clamp_min(1e-30)).round()
     codes = torch.where(step > 0, codes, 0).to(torch.uint8)
