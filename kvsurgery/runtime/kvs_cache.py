@@ -37,7 +37,7 @@ _COEF_DTYPES = {
 _FP8_MAX = 448.0
 # how protected tokens are stored: as given, int8 (one scale per vector) or packed int4
 PROTECT_DTYPES = ("model", "int8", "int4")
-INT4_GROUP = 32  # channels sharing one int4 scale and minimum
+INT4_GROUP = 32  # channels sharing one int4 step and minimum (fewer where head_dim needs)
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
